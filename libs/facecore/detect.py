@@ -1,0 +1,389 @@
+"""MTCNN face detection, batched over photos and over pyramid scales.
+
+The stages follow the ``mtcnn`` 1.0.0 package whose weights we run (see
+``mtcnn_onnx``): P-Net proposals per pyramid scale, calibrated, NMS 0.5 per scale
+then 0.7 per photo, squared; R-Net on 24x24 crops, calibrated, NMS 0.7, squared;
+O-Net on 48x48 crops gives landmarks, calibrated boxes, NMS 0.7 over the smaller box.
+
+What is ours: every pyramid level of a photo is tiled into one P-Net canvas, and
+same-shaped canvases of several photos are stacked into one batch, so P-Net runs
+once per canvas shape instead of once per scale and photo; R-Net and O-Net run once
+each over the candidates of all photos in the call. A P-Net output cell depends on
+exactly one 12x12 window at stride 2, so tiles sit at even offsets and only cells
+whose window lies wholly inside one tile are read: tiles need no gaps between
+them, and no pixel of one tile can leak into another's results, which is also what
+makes a photo's detections independent of the other photos in its batch.
+
+Coordinates are continuous, pixel ``i`` spanning ``[i, i+1)``; a box is
+``[x1, x2) x [y1, y2)``, so width is ``x2 - x1`` (the original's 1-based inclusive
+boxes shifted by one; the arithmetic is the same). Landmarks are decoded like the
+original, as 0-based pixel indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import joblib
+import numpy as np
+
+from .models import InferenceModel, resolve
+from .mtcnn_onnx import BUILDERS
+from .settings import Settings, get_settings
+from .types import Detections
+
+WINDOW = 12  # P-Net's receptive field, in pixels of a pyramid level
+STRIDE = 2  # P-Net's output stride
+OVERLAP = WINDOW - STRIDE  # rows shared by consecutive bands of a level, so each window fits exactly one band
+NMS_PNET_SCALE, NMS_PNET, NMS_RNET, NMS_ONET = 0.5, 0.7, 0.7, 0.7
+MAX_PIXELS = 1 << 22  # most input pixels per net run: bounds memory on huge photos and big batches
+
+
+# ---------------------------------------------------------------- pyramid and tiling
+
+
+def pyramid_scales(height: int, width: int, min_face_size: float = 20, scale_factor: float = 0.709) -> np.ndarray:
+    """Scales at which the 12 px window sees faces from ``min_face_size`` up to the image's short side."""
+    m = WINDOW / min_face_size
+    n = 0
+    side = min(height, width) * m
+    while side >= WINDOW:
+        n += 1
+        side *= scale_factor
+    return m * scale_factor ** np.arange(n)
+
+
+def level_shape(height: int, width: int, scale: float) -> tuple[int, int]:
+    """Rounded up, as the original does, so the short side never drops below 12."""
+    return int(np.ceil(height * scale)), int(np.ceil(width * scale))
+
+
+def _even(n: int) -> int:
+    return n + (n & 1)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rows ``[y0, y0+h)`` of pyramid ``level`` (its full width ``w``), at ``(cy, cx)`` of ``canvas``."""
+
+    level: int
+    y0: int
+    h: int
+    w: int
+    canvas: int
+    cy: int
+    cx: int
+
+
+def split_level(height: int, width: int, max_pixels: int = MAX_PIXELS) -> list[tuple[int, int]]:
+    """Cut a level of more than ``max_pixels`` into bands ``(y0, h)`` of about that size.
+
+    Bands are even-sized and start every ``band - OVERLAP`` rows, so each window
+    start row falls in exactly one band, and that band holds the whole window.
+    """
+    if height * width <= max_pixels:
+        return [(0, height)]
+    band = max(2 * WINDOW, (max_pixels // width) & ~1)
+    return [(y0, min(band, height - y0)) for y0 in range(0, height - WINDOW + 1, band - OVERLAP)]
+
+
+def layout_tiles(shapes: Sequence[tuple[int, int]], max_pixels: int = MAX_PIXELS
+                 ) -> tuple[list[Tile], list[tuple[int, int]]]:
+    """Pack pyramid levels (largest first) into as few canvases as fit ``max_pixels`` each.
+
+    Shelf packing, first fit: a level goes on the first shelf with room, else on a
+    new shelf; that holds the full pyramid in ~1.2x its own area. Offsets and sizes
+    are kept even so output cells line up with each tile's own windows.
+    Returns the tiles and each canvas's (height, width).
+    """
+    bands = [(lvl, y0, h, w) for lvl, (lh, w) in enumerate(shapes) for y0, h in split_level(lh, w, max_pixels)]
+    if not bands:
+        return [], []
+    bands.sort(key=lambda b: -b[2])  # stable: keeps level order among equal heights
+    width = _even(max(b[3] for b in bands))
+    max_height = max(max_pixels // width, _even(bands[0][2]))
+    tiles: list[Tile] = []
+    canvases: list[tuple[int, int]] = []
+    shelves: list[list[int]] = []  # [y, height, used width] on the current canvas
+    used_height = 0
+    for lvl, y0, h, w in bands:
+        shelf = next((s for s in shelves if s[2] + w <= width), None)
+        if shelf is None:
+            if shelves and used_height + h > max_height:
+                canvases.append((used_height, width))
+                shelves, used_height = [], 0
+            shelf = [used_height, _even(h), 0]
+            shelves.append(shelf)
+            used_height += shelf[1]
+        tiles.append(Tile(lvl, y0, h, w, len(canvases), shelf[0], shelf[2]))
+        shelf[2] += _even(w)
+    canvases.append((used_height, width))
+    return tiles, canvases
+
+
+def pnet_output_shape(height: int, width: int) -> tuple[int, int]:
+    """Output cells of P-Net on an even-sized input: one per window start at stride 2."""
+    return (height - WINDOW) // STRIDE + 1, (width - WINDOW) // STRIDE + 1
+
+
+def cell_owners(tiles: Sequence[Tile], canvas: int, shape: tuple[int, int], first_id: int = 0) -> np.ndarray:
+    """Map each P-Net output cell of a canvas to the tile that wholly holds its window, else -1."""
+    owners = np.full(pnet_output_shape(*shape), -1, np.int32)
+    for t_id, t in enumerate(tiles):
+        if t.canvas == canvas:
+            owners[t.cy // STRIDE:(t.cy + t.h - WINDOW) // STRIDE + 1,
+                   t.cx // STRIDE:(t.cx + t.w - WINDOW) // STRIDE + 1] = first_id + t_id
+    return owners
+
+
+def render_canvas(levels: Sequence[np.ndarray], tiles: Sequence[Tile], canvas: int,
+                  shape: tuple[int, int]) -> np.ndarray:
+    """(3, H, W) float32 net input; uncovered pixels are 0 (never read by a kept cell)."""
+    out = np.zeros((3, *shape), np.float32)
+    for t in tiles:
+        if t.canvas == canvas:
+            src = levels[t.level][t.y0:t.y0 + t.h].transpose(2, 0, 1)
+            np.multiply(np.subtract(src, 127.5, dtype=np.float32), 1 / 128,
+                        out=out[:, t.cy:t.cy + t.h, t.cx:t.cx + t.w])
+    return out
+
+
+# ---------------------------------------------------------------- boxes
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray, mode: str = "union") -> np.ndarray:
+    """Overlap of boxes ``a`` (n,4) with ``b`` (m,4): over the union, or over the smaller box ("min")."""
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = w * h
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    if mode == "union":
+        denom = area_a[:, None] + area_b[None, :] - inter
+    elif mode == "min":
+        denom = np.minimum(area_a[:, None], area_b[None, :])
+    else:
+        raise ValueError(f"mode must be 'union' or 'min', not {mode!r}")
+    return inter / np.maximum(denom, 1e-12)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union",
+        groups: np.ndarray | None = None) -> np.ndarray:
+    """Greedy NMS; indices of kept boxes, best first. Boxes of different ``groups`` never suppress each other.
+
+    Groups are shifted apart in coordinates (one pass instead of a Python loop
+    over photos and scales). Ties keep input order, so results are deterministic.
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    boxes = boxes.astype(np.float64)
+    if groups is not None:
+        span = boxes[:, 2:].max() - boxes[:, :2].min() + 1
+        boxes = boxes + (np.asarray(groups, np.float64) * span)[:, None]
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        order = rest[iou_matrix(boxes[i:i + 1], boxes[rest], mode)[0] <= threshold]
+    return np.asarray(keep, np.int64)
+
+
+def calibrate(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """Apply a net's box regression: offsets are fractions of the box's width and height."""
+    wh = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, axis=1)
+    return boxes + reg * wh
+
+
+def square(boxes: np.ndarray) -> np.ndarray:
+    """Grow the short side around the centre: R-Net and O-Net take square crops."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).max(axis=1, keepdims=True) / 2
+    return np.concatenate([centre - half, centre + half], axis=1)
+
+
+def decode_landmarks(boxes: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """O-Net's (n,10) x1..x5, y1..y5, relative to its crop box, to (n,5,2) image points."""
+    xy = np.stack([raw[:, :5], raw[:, 5:]], axis=2)
+    return boxes[:, None, :2] + xy * (boxes[:, None, 2:] - boxes[:, None, :2])
+
+
+def crop_patches(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """(n, size, size, 3) uint8 crops of integer boxes; parts outside the image are black (as trained)."""
+    height, width = image.shape[:2]
+    out = np.zeros((len(boxes), size, size, 3), np.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(boxes.astype(np.int64)):
+        sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+        if sx2 <= sx1 or sy2 <= sy1:
+            continue
+        if (sx1, sy1, sx2, sy2) == (x1, y1, x2, y2):
+            src = image[y1:y2, x1:x2]
+        else:
+            src = np.zeros((y2 - y1, x2 - x1, 3), np.uint8)
+            src[sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = image[sy1:sy2, sx1:sx2]
+        out[k] = cv2.resize(src, (size, size), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def to_input(patches: np.ndarray) -> np.ndarray:
+    """(n,h,w,3) uint8 RGB to the nets' (n,3,h,w) float32 in [-1, 1)."""
+    x = np.subtract(patches.transpose(0, 3, 1, 2), 127.5, dtype=np.float32)
+    x *= 1 / 128
+    return x
+
+
+# ---------------------------------------------------------------- model
+
+
+@dataclass
+class _Candidates:
+    """Boxes of all photos in a call between stages; ``photo`` says whose."""
+
+    photo: np.ndarray  # (n,) int
+    boxes: np.ndarray  # (n,4) float64
+
+
+class MTCNN:
+    """Three-stage MTCNN on ONNX Runtime, one session per net, batched over photos.
+
+    ``detect`` takes RGB uint8 HxWx3 arrays (convert grayscale to 3 channels first)
+    and returns one ``Detections`` per photo, best score first.
+    """
+
+    def __init__(self, min_face_size: float = 20, thresholds: Sequence[float] = (0.6, 0.7, 0.8),
+                 scale_factor: float = 0.709, *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int = 0, max_pixels: int = MAX_PIXELS):
+        if min_face_size <= 0 or not 0 < scale_factor < 1 or len(thresholds) != 3:
+            raise ValueError("need min_face_size > 0, 0 < scale_factor < 1 and three thresholds")
+        self.min_face_size = min_face_size
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.scale_factor = scale_factor
+        self.max_pixels = max_pixels
+        nets = {}
+        for name, build in BUILDERS.items():
+            path, version = resolve(f"mtcnn-{name}")
+            nets[name] = InferenceModel(build(joblib.load(path)), providers=providers, threads=threads,
+                                        version=version)
+        self.pnet, self.rnet, self.onet = nets["pnet"], nets["rnet"], nets["onet"]
+        self.version = "+".join(n.version for n in nets.values())
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> "MTCNN":
+        s = settings or get_settings()
+        return cls(s.min_face_size, s.det_thresholds, s.scale_factor, providers=s.providers, threads=s.threads)
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        images = [_check_image(im, i) for i, im in enumerate(images)]
+        cand = self._propose(images)
+        cand = self._refine(images, cand)
+        return self._output(images, cand)
+
+    # P-Net over canvases: (photo, box) proposals, squared
+    def _propose(self, images: list[np.ndarray]) -> _Candidates:
+        tiles: list[Tile] = []  # of all photos, ids in photo order
+        tile_photo, tile_scale = [], []
+        canvases = []  # (photo, canvas index within photo, shape, first tile id, levels)
+        for p, im in enumerate(images):
+            scales = pyramid_scales(*im.shape[:2], self.min_face_size, self.scale_factor)
+            shapes = [level_shape(*im.shape[:2], s) for s in scales]
+            photo_tiles, photo_canvases = layout_tiles(shapes, self.max_pixels)
+            levels = [cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for h, w in shapes]
+            canvases += [(p, c, shape, len(tiles), photo_tiles, levels) for c, shape in enumerate(photo_canvases)]
+            tiles += photo_tiles
+            tile_photo += [p] * len(photo_tiles)
+            tile_scale += [scales[t.level] for t in photo_tiles]
+
+        found_tile, found_cell, found_score, found_reg = [], [], [], []
+        by_shape: dict[tuple[int, int], list] = {}
+        for c in canvases:
+            by_shape.setdefault(c[2], []).append(c)
+        for shape, group in by_shape.items():
+            per_run = max(1, self.max_pixels // (shape[0] * shape[1]))
+            for start in range(0, len(group), per_run):
+                run = group[start:start + per_run]
+                batch = np.stack([render_canvas(lv, pt, c, shape) for _, c, _, _, pt, lv in run])
+                reg, prob = self.pnet.predict(batch)
+                owners = np.stack([cell_owners(pt, c, shape, first) for _, c, _, first, pt, _ in run])
+                b, i, j = np.nonzero((prob[:, 1] > self.thresholds[0]) & (owners >= 0))
+                found_tile.append(owners[b, i, j])
+                found_cell.append(np.stack([i, j], axis=1))
+                found_score.append(prob[b, 1, i, j])
+                found_reg.append(reg[b, :, i, j])
+        if not tiles:
+            return _Candidates(np.zeros(0, np.int64), np.zeros((0, 4)))
+
+        tile_id = np.concatenate(found_tile)
+        cell = np.concatenate(found_cell)
+        # canonical order (tile, row, col): ties in score must not depend on batch composition
+        order = np.lexsort((cell[:, 1], cell[:, 0], tile_id))
+        tile_id, cell = tile_id[order], cell[order]
+        score = np.concatenate(found_score)[order]
+        reg = np.concatenate(found_reg)[order].astype(np.float64)
+        t_cy, t_cx, t_y0 = (np.array([getattr(t, a) for t in tiles]) for a in ("cy", "cx", "y0"))
+        x = STRIDE * cell[:, 1] - t_cx[tile_id]
+        y = STRIDE * cell[:, 0] - t_cy[tile_id] + t_y0[tile_id]
+        scale = np.asarray(tile_scale)[tile_id]
+        boxes = np.stack([x, y, x + WINDOW, y + WINDOW], axis=1) / scale[:, None]
+        boxes = calibrate(boxes, reg)
+        photo = np.asarray(tile_photo, np.int64)[tile_id]
+        level = np.array([t.level for t in tiles])[tile_id]
+        keep = nms(boxes, score, NMS_PNET_SCALE, groups=photo * (level.max() + 1) + level)
+        keep = keep[nms(boxes[keep], score[keep], NMS_PNET, groups=photo[keep])]
+        return _Candidates(photo[keep], square(boxes[keep]))
+
+    def _crops(self, images: list[np.ndarray], cand: _Candidates, size: int) -> tuple[_Candidates, np.ndarray]:
+        """Round boxes to the pixel grid the net sees; drop empty ones; crops in net input layout."""
+        boxes = np.round(cand.boxes)
+        ok = np.all(boxes[:, 2:] > boxes[:, :2], axis=1)
+        cand = _Candidates(cand.photo[ok], boxes[ok])
+        patches = np.zeros((len(cand.boxes), size, size, 3), np.uint8)
+        for p in np.unique(cand.photo):
+            sel = cand.photo == p
+            patches[sel] = crop_patches(images[p], cand.boxes[sel], size)
+        return cand, to_input(patches)
+
+    def _run(self, net: InferenceModel, x: np.ndarray) -> list[np.ndarray]:
+        per_run = max(1, self.max_pixels // (x.shape[2] * x.shape[3]))
+        outs = [net.predict(x[i:i + per_run]) for i in range(0, len(x), per_run)]
+        return [np.concatenate(o) for o in zip(*outs)]
+
+    # R-Net over all candidates of all photos
+    def _refine(self, images: list[np.ndarray], cand: _Candidates) -> _Candidates:
+        if len(cand.boxes) == 0:
+            return cand
+        cand, x = self._crops(images, cand, 24)
+        reg, prob = self._run(self.rnet, x)
+        ok = np.nonzero(prob[:, 1] > self.thresholds[1])[0]
+        boxes, photo = calibrate(cand.boxes[ok], reg[ok]), cand.photo[ok]
+        keep = nms(boxes, prob[ok, 1], NMS_RNET, groups=photo)
+        return _Candidates(photo[keep], square(boxes[keep]))
+
+    # O-Net: final boxes, scores and landmarks, split per photo
+    def _output(self, images: list[np.ndarray], cand: _Candidates) -> list[Detections]:
+        results = [Detections.empty() for _ in images]
+        if len(cand.boxes) == 0:
+            return results
+        cand, x = self._crops(images, cand, 48)
+        reg, raw_landmarks, prob = self._run(self.onet, x)
+        ok = np.nonzero(prob[:, 1] > self.thresholds[2])[0]
+        landmarks = decode_landmarks(cand.boxes[ok], raw_landmarks[ok])
+        boxes = calibrate(cand.boxes[ok], reg[ok])
+        photo, score = cand.photo[ok], prob[ok, 1]
+        keep = nms(boxes, score, NMS_ONET, mode="min", groups=photo)
+        for p in np.unique(photo[keep]):
+            k = keep[photo[keep] == p]
+            h, w = images[p].shape[:2]
+            b = np.clip(boxes[k], 0, [w, h, w, h])
+            results[p] = Detections(b.astype(np.float32), score[k].astype(np.float32),
+                                    landmarks[k].astype(np.float32))
+        return results
+
+
+def _check_image(image: np.ndarray, index: int) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image {index}: expected RGB uint8 HxWx3, got {image.dtype} {image.shape}")
+    return np.ascontiguousarray(image)
