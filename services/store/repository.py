@@ -1,0 +1,402 @@
+"""Every SQL statement of the services, as functions over a caller's Session.
+
+Nothing here commits: the caller owns the transaction and commits at the edge (end of a request,
+end of a batch), so one unit of work either happens completely or not at all.
+
+Every function that takes an object id also takes the ``user_id`` it is being asked for and
+filters by both; an id of another user is treated exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from facecore.types import FaceRecord, PhotoResult
+from services.store.models import PHOTO_STATUSES, Face, FacePerson, Person, Photo, User
+
+T = TypeVar("T")
+
+_face_person = FacePerson.__table__
+
+
+class NotFound(LookupError):
+    """No such object for this user (it may exist for another user; callers cannot tell)."""
+
+
+def _insert_once(session: Session, obj: T, lookup: Callable[[], T | None]) -> T:
+    """Insert ``obj``; if a concurrent writer inserted the same unique key first, return theirs."""
+    try:
+        with session.begin_nested():
+            session.add(obj)
+    except sa.exc.IntegrityError:
+        existing = lookup()
+        if existing is None:
+            raise
+        return existing
+    return obj
+
+
+# ------------------------------------------------------------------------------ users
+
+
+def find_user(session: Session, name: str) -> User | None:
+    return session.scalar(sa.select(User).where(User.name == name))
+
+
+def get_or_create_user(session: Session, name: str) -> User:
+    return find_user(session, name) or _insert_once(session, User(name=name), lambda: find_user(session, name))
+
+
+def delete_user(session: Session, user_id: int) -> None:
+    """Delete the user; the schema cascades to photos, faces, embeddings, persons and tokens."""
+    if session.execute(sa.delete(User).where(User.id == user_id)).rowcount == 0:
+        raise NotFound(f"user {user_id}")
+
+
+# ------------------------------------------------------------------------------ photos and faces
+
+
+def missing_photo_sha256(uri: str) -> str:
+    """Key of a photo whose bytes could not be read: the sha256 of ``"missing:" + uri``.
+
+    The row still needs a value for UNIQUE(user_id, sha256); deriving it from the uri makes
+    repeated failures of the same file update one row instead of piling up.
+    """
+    return hashlib.sha256(f"missing:{uri}".encode()).hexdigest()
+
+
+def find_photo(session: Session, user_id: int, sha256: str) -> Photo | None:
+    return session.scalar(sa.select(Photo).where(Photo.user_id == user_id, Photo.sha256 == sha256))
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    # SQLite stores NaN as NULL while PostgreSQL keeps it; say "unknown" the same way on both.
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _face_row(photo: Photo, face: FaceRecord) -> dict:
+    x1, y1, x2, y2 = np.asarray(face.box, dtype=np.float64).reshape(4).tolist()
+    row = dict(
+        photo_id=photo.id,
+        user_id=photo.user_id,
+        face_index=int(face.index),
+        x1=x1, y1=y1, x2=x2, y2=y2,
+        landmarks=np.asarray(face.landmarks, dtype=np.float64).reshape(10).tolist(),
+        det_score=float(face.det_score),
+        blur=float(face.blur),
+        blurry=bool(face.blurry),
+        trash_score=_finite_or_none(face.trash_score),
+        trash=bool(face.is_trash),
+        embedding=None,
+        embedding_dim=None,
+        model_version=face.model_version,
+        attributes=dict(face.attributes),
+    )
+    if face.embedding is not None:
+        # Explicit little-endian so the bytes mean the same on any host that reads them.
+        embedding = np.ascontiguousarray(face.embedding, dtype="<f4").reshape(-1)
+        row.update(embedding=embedding.tobytes(), embedding_dim=embedding.size)
+    return row
+
+
+def save_photo_result(session: Session, user_id: int, uri: str, result: PhotoResult) -> Photo:
+    """Store what the pipeline made of one photo; safe to call again for the same bytes.
+
+    A photo already indexed for this user (same sha256) is left alone and returned, whatever its
+    uri, so a copy or a re-run costs nothing. A pending or failed row is overwritten: its old
+    faces (and their person links) are replaced. A failed result without a sha256 (unreadable
+    file) is keyed by :func:`missing_photo_sha256` of the uri; that row goes away once the file
+    at the uri is indexed.
+    """
+    sha256 = result.sha256 or missing_photo_sha256(uri)
+    photo = find_photo(session, user_id, sha256)
+    if photo is None:
+        photo = _insert_once(
+            session,
+            Photo(user_id=user_id, uri=uri, sha256=sha256, status="pending"),
+            lambda: find_photo(session, user_id, sha256),
+        )
+    if photo.status == "indexed":
+        return photo
+
+    session.execute(sa.delete(Face).where(Face.photo_id == photo.id))
+    photo.uri = uri
+    photo.width = result.width or None
+    photo.height = result.height or None
+    if result.ok:
+        photo.status, photo.error, photo.indexed_at = "indexed", None, sa.func.now()
+        session.execute(sa.delete(Photo).where(
+            Photo.user_id == user_id, Photo.sha256 == missing_photo_sha256(uri), Photo.status == "failed",
+            Photo.id != photo.id))
+        if result.faces:
+            session.execute(sa.insert(Face), [_face_row(photo, face) for face in result.faces])
+    else:
+        photo.status, photo.error, photo.indexed_at = "failed", result.error, None
+    session.flush()
+    return photo
+
+
+def delete_photo(session: Session, user_id: int, photo_id: int) -> None:
+    """Delete a photo with its faces, embeddings and person links (schema cascade)."""
+    deleted = session.execute(sa.delete(Photo).where(Photo.id == photo_id, Photo.user_id == user_id))
+    if deleted.rowcount == 0:
+        raise NotFound(f"photo {photo_id}")
+    _drop_empty_auto_persons(session, user_id)
+    _refresh_covers(session, user_id)
+
+
+def user_embeddings(
+    session: Session, user_id: int, model_version: str | None = None, include_blurry: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(face ids int64 (n,), embeddings float32 (n, d)) of the user's faces worth clustering.
+
+    Trash faces are never included, blurry ones only on request. Embeddings of different models
+    live in different spaces, so without ``model_version`` the user's faces must all come from
+    one model (ValueError otherwise).
+    """
+    query = (
+        sa.select(Face.id, Face.model_version, Face.embedding)
+        .where(Face.user_id == user_id, Face.embedding.is_not(None), Face.trash.is_(False))
+        .order_by(Face.id)
+    )
+    if not include_blurry:
+        query = query.where(Face.blurry.is_(False))
+    if model_version is not None:
+        query = query.where(Face.model_version == model_version)
+    rows = session.execute(query).all()
+
+    versions = {row.model_version for row in rows}
+    if len(versions) > 1:
+        raise ValueError(f"faces of user {user_id} come from several models {sorted(versions)}; "
+                         "pass model_version")
+    sizes = {len(row.embedding) for row in rows}
+    if len(sizes) > 1:
+        raise ValueError(f"embeddings of user {user_id} have different sizes: {sorted(sizes)}")
+    ids = np.array([row.id for row in rows], dtype=np.int64)
+    if not rows:
+        return ids, np.zeros((0, 0), dtype=np.float32)
+    matrix = np.frombuffer(b"".join(row.embedding for row in rows), dtype="<f4")
+    return ids, matrix.reshape(len(rows), -1).astype(np.float32)
+
+
+def export_rows(session: Session, user_id: int) -> Iterator[dict]:
+    """One dict per face (trash excluded) for CSV export, ordered by photo and face.
+
+    ``person`` is the person id (stable across re-clustering), None if unassigned. Streams, so
+    iterate while the session is open.
+    """
+    query = (
+        sa.select(Photo.uri, Face.face_index, Face.x1, Face.y1, Face.x2, Face.y2, Face.det_score,
+                  Face.blur, FacePerson.person_id, Face.attributes)
+        .join(Photo, Photo.id == Face.photo_id)
+        .outerjoin(FacePerson, FacePerson.face_id == Face.id)
+        .where(Face.user_id == user_id, Face.trash.is_(False))
+        .order_by(Photo.uri, Face.face_index)
+        .execution_options(yield_per=1000)
+    )
+    for row in session.execute(query):
+        yield {
+            "photo": row.uri, "face": row.face_index,
+            "x1": row.x1, "y1": row.y1, "x2": row.x2, "y2": row.y2,
+            "score": row.det_score, "blur": row.blur,
+            "person": row.person_id, "gender": row.attributes.get("gender"),
+        }
+
+
+def user_summary(session: Session, user_id: int) -> dict:
+    """Counts for a status page: photos by status, faces by quality, persons."""
+    photos = dict.fromkeys(PHOTO_STATUSES, 0)
+    photos.update(session.execute(
+        sa.select(Photo.status, sa.func.count()).where(Photo.user_id == user_id).group_by(Photo.status)
+    ).all())
+    faces = session.execute(
+        sa.select(
+            sa.func.count().label("faces"),
+            sa.func.count(Face.embedding).label("embedded"),
+            sa.func.count().filter(Face.blurry.is_(True)).label("blurry"),
+            sa.func.count().filter(Face.trash.is_(True)).label("trash"),
+        ).where(Face.user_id == user_id)
+    ).one()
+    persons = session.execute(
+        sa.select(
+            sa.func.count().label("persons"),
+            sa.func.count(Person.name).label("named_persons"),
+            sa.func.count().filter(Person.hidden.is_(True)).label("hidden_persons"),
+        ).where(Person.user_id == user_id)
+    ).one()
+    assigned = session.scalar(
+        sa.select(sa.func.count()).select_from(FacePerson)
+        .join(Person, Person.id == FacePerson.person_id).where(Person.user_id == user_id)
+    )
+    return {"photos": photos, **faces._asdict(), **persons._asdict(), "assigned_faces": assigned}
+
+
+# ------------------------------------------------------------------------------ persons
+
+
+def _person(session: Session, user_id: int, person_id: int) -> Person:
+    person = session.scalar(sa.select(Person).where(Person.id == person_id, Person.user_id == user_id))
+    if person is None:
+        raise NotFound(f"person {person_id}")
+    return person
+
+
+def _drop_empty_auto_persons(session: Session, user_id: int) -> None:
+    """Persons nobody named or confirmed go away once they have no faces; the others stay."""
+    session.execute(sa.delete(Person).where(
+        Person.user_id == user_id,
+        Person.name.is_(None),
+        Person.user_confirmed.is_(False),
+        ~sa.exists().where(FacePerson.person_id == Person.id),
+    ))
+
+
+def _refresh_covers(session: Session, user_id: int) -> None:
+    """Give every person whose cover face is gone or no longer theirs their best face instead."""
+    best = (
+        sa.select(FacePerson.face_id)
+        .join(Face, Face.id == FacePerson.face_id)
+        .where(FacePerson.person_id == Person.id)
+        .order_by(Face.trash, Face.blurry, Face.det_score.desc(), Face.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    cover_is_member = sa.exists().where(
+        FacePerson.face_id == Person.cover_face_id, FacePerson.person_id == Person.id)
+    has_faces = sa.exists().where(FacePerson.person_id == Person.id)
+    session.execute(
+        sa.update(Person)
+        .where(Person.user_id == user_id, ~cover_is_member,
+               sa.or_(Person.cover_face_id.is_not(None), has_faces))
+        .values(cover_face_id=best)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def replace_auto_assignments(session: Session, user_id: int, labels: Mapping[int, int]) -> dict[int, int]:
+    """Replace the user's automatic face->person links with a new clustering.
+
+    ``labels`` maps face id -> cluster label for the faces that were clustered; a negative label
+    (noise) or a face missing from ``labels`` ends up with no automatic link. Links a user made
+    (source 'user') are never touched.
+
+    Person ids stay stable: each cluster takes over the existing person it shares the most faces
+    with (counting user and auto links; one person per cluster, largest overlap first, ties to
+    the older person), so a person keeps its id, name and hidden flag while most of its faces
+    stay together. Other clusters get new persons. Persons left without faces are deleted
+    unless named or confirmed by the user. Returns cluster label -> person id for every label
+    that has a person (a cluster made only of faces held by user links may have none).
+    """
+    user_faces = set(session.scalars(sa.select(Face.id).where(Face.user_id == user_id)))
+    unknown = labels.keys() - user_faces
+    if unknown:
+        raise NotFound(f"faces {sorted(unknown)[:10]}")
+    links = {
+        face_id: (person_id, source)
+        for face_id, person_id, source in session.execute(
+            sa.select(FacePerson.face_id, FacePerson.person_id, FacePerson.source)
+            .join(Person, Person.id == FacePerson.person_id)
+            .where(Person.user_id == user_id)
+        )
+    }
+
+    overlap = Counter(
+        (label, links[face_id][0]) for face_id, label in labels.items() if label >= 0 and face_id in links)
+    person_of: dict[int, int] = {}
+    taken: set[int] = set()
+    for label, person_id in sorted(overlap, key=lambda pair: (-overlap[pair], pair[1], pair[0])):
+        if label not in person_of and person_id not in taken:
+            person_of[label] = person_id
+            taken.add(person_id)
+
+    # Faces the clustering may place: clustered, not noise, not held by a user's link.
+    placed = {face_id: label for face_id, label in labels.items()
+              if label >= 0 and links.get(face_id, (None, "auto"))[1] == "auto"}
+    new_labels = sorted(set(placed.values()) - person_of.keys())
+    new_persons = [Person(user_id=user_id) for _ in new_labels]
+    session.add_all(new_persons)
+    session.flush()
+    person_of.update(zip(new_labels, (person.id for person in new_persons)))
+
+    target = {face_id: person_of[label] for face_id, label in placed.items()}
+    auto = {face_id: person_id for face_id, (person_id, source) in links.items() if source == "auto"}
+    removed = [{"face": face_id} for face_id in auto if face_id not in target]
+    moved = [{"face": face_id, "person": target[face_id]}
+             for face_id in auto if face_id in target and target[face_id] != auto[face_id]]
+    added = [{"face_id": face_id, "person_id": person_id, "source": "auto"}
+             for face_id, person_id in target.items() if face_id not in links]
+    if removed:
+        session.execute(_face_person.delete().where(_face_person.c.face_id == sa.bindparam("face")), removed)
+    if moved:
+        session.execute(
+            _face_person.update().where(_face_person.c.face_id == sa.bindparam("face"))
+            .values(person_id=sa.bindparam("person"), assigned_at=sa.func.now()),
+            moved,
+        )
+    if added:
+        session.execute(sa.insert(FacePerson), added)
+    _drop_empty_auto_persons(session, user_id)
+    _refresh_covers(session, user_id)
+    return person_of
+
+
+def rename_person(session: Session, user_id: int, person_id: int, name: str | None) -> Person:
+    """Set or clear (None or blank) a person's name; a named person survives re-clustering."""
+    person = _person(session, user_id, person_id)
+    person.name = (name or "").strip() or None
+    session.flush()
+    return person
+
+
+def hide_person(session: Session, user_id: int, person_id: int, hidden: bool = True) -> Person:
+    person = _person(session, user_id, person_id)
+    person.hidden = hidden
+    session.flush()
+    return person
+
+
+def merge_persons(session: Session, user_id: int, into_id: int, from_id: int) -> Person:
+    """Move every face of ``from_id`` to ``into_id`` and delete ``from_id``.
+
+    The moved links become 'user' links and ``into_id`` is marked confirmed, so a later
+    re-clustering cannot undo the merge. ``into_id`` keeps its name, or takes the other's.
+    """
+    if into_id == from_id:
+        raise ValueError("cannot merge a person into itself")
+    into = _person(session, user_id, into_id)
+    source = _person(session, user_id, from_id)
+    session.execute(
+        sa.update(FacePerson).where(FacePerson.person_id == source.id)
+        .values(person_id=into.id, source="user", assigned_at=sa.func.now())
+    )
+    into.name = into.name or source.name
+    into.user_confirmed = True
+    session.delete(source)
+    session.flush()
+    _refresh_covers(session, user_id)
+    return into
+
+
+def move_face(session: Session, user_id: int, face_id: int, person_id: int) -> None:
+    """Put a face into a person by hand (a 'user' link that re-clustering keeps)."""
+    if session.scalar(sa.select(Face.id).where(Face.id == face_id, Face.user_id == user_id)) is None:
+        raise NotFound(f"face {face_id}")
+    person = _person(session, user_id, person_id)
+    link = session.get(FacePerson, face_id)
+    if link is None:
+        session.add(FacePerson(face_id=face_id, person_id=person.id, source="user"))
+    else:
+        link.person_id, link.source, link.assigned_at = person.id, "user", sa.func.now()
+    session.flush()
+    _drop_empty_auto_persons(session, user_id)
+    _refresh_covers(session, user_id)
