@@ -86,12 +86,14 @@ def cmd_index(args, settings: Settings | None = None):
 
 
 def cmd_cluster(args, settings: Settings | None = None):
+    from facecore.embed import embedder_version
+
     from .clustering import cluster_user
 
     settings = settings or _settings(args)
     sessions = _sessions(settings)
-    s = cluster_user(sessions, settings.default_user, max_distance=settings.cluster_threshold,
-                     min_size=settings.min_cluster_size)
+    s = cluster_user(sessions, settings.default_user, embedder_version(settings.embedder, settings.flip_tta),
+                     max_distance=settings.cluster_threshold, min_size=settings.min_cluster_size)
     print(f"clustered {s.faces} faces into {s.clusters} clusters ({s.persons} persons); "
           f"{s.unassigned} faces unassigned; {s.seconds:.1f}s")
     return s, sessions
@@ -202,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", type=Path, help="TOML settings file")
     threads(sp)
     sp.set_defaults(func=cmd_verify)
+
+    # cloud path: upload into the object store + photo.uploaded events (services/publish.py)
+    from .publish import add_parser as add_publish_parser
+    add_publish_parser(sub)
     return p
 
 

@@ -28,8 +28,9 @@ class ClusterSummary:
     seconds: float
 
 
-def cluster_user(sessions: sessionmaker[Session], user_name: str, *, max_distance: float = 0.0,
-                 min_size: int = 1, model_version: str | None = None) -> ClusterSummary:
+def cluster_user(sessions: sessionmaker[Session], user_name: str, model_version: str, *,
+                 max_distance: float = 0.0, min_size: int = 1) -> ClusterSummary:
+    """Faces of other model versions are left as they are: their vectors are not comparable."""
     t0 = time.perf_counter()
     with sessions() as session:
         user = repo.get_or_create_user(session, user_name)
@@ -38,7 +39,7 @@ def cluster_user(sessions: sessionmaker[Session], user_name: str, *, max_distanc
         assigned = {int(f): int(l) for f, l in zip(face_ids, labels) if l >= 0}
         repo.replace_auto_assignments(session, user.id, assigned)
         session.commit()
-        persons = repo.count_persons(session, user.id)
+        persons = repo.user_summary(session, user.id)["persons"]
     n_clusters = len(set(assigned.values()))
     summary = ClusterSummary(faces=len(face_ids), clusters=n_clusters, persons=persons,
                              unassigned=len(face_ids) - len(assigned), seconds=time.perf_counter() - t0)

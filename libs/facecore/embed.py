@@ -24,15 +24,21 @@ def _normalises_inside(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("Sub", "Mul") for n in model.graph.node[:4])
 
 
+def embedder_version(name_or_path: str, flip_tta: bool) -> str:
+    """The version stored with embeddings of this embedder setup, without loading the model."""
+    return resolve(name_or_path)[1] + ("+flip" if flip_tta else "")
+
+
 class Embedder(InferenceModel):
     """Any ArcFace-style ONNX model: NCHW RGB 112x112 input, one embedding output."""
 
     def __init__(self, name_or_path: str = "sface", *, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int = 0, flip_tta: bool = True):
-        path, version = resolve(name_or_path)
+        path, _ = resolve(name_or_path)
         model = make_batch_dynamic(onnx.load(str(path)))
         self.in_graph_norm = _normalises_inside(model)
-        super().__init__(model, providers=providers, threads=threads, version=version + ("+flip" if flip_tta else ""))
+        super().__init__(model, providers=providers, threads=threads,
+                         version=embedder_version(name_or_path, flip_tta))
         self.flip_tta = flip_tta
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import TypeVar
 
 import numpy as np
@@ -196,10 +196,11 @@ def export_rows(session: Session, user_id: int) -> Iterator[dict]:
     iterate while the session is open.
     """
     query = (
-        sa.select(Photo.uri, Face.face_index, Face.x1, Face.y1, Face.x2, Face.y2, Face.det_score,
-                  Face.blur, FacePerson.person_id, Face.attributes)
+        sa.select(Photo.uri, Face.id, Face.face_index, Face.x1, Face.y1, Face.x2, Face.y2, Face.det_score,
+                  Face.blur, Face.blurry, FacePerson.person_id, Person.name.label("person_name"), Face.attributes)
         .join(Photo, Photo.id == Face.photo_id)
         .outerjoin(FacePerson, FacePerson.face_id == Face.id)
+        .outerjoin(Person, Person.id == FacePerson.person_id)
         .where(Face.user_id == user_id, Face.trash.is_(False))
         .order_by(Photo.uri, Face.face_index)
         .execution_options(yield_per=1000)
@@ -210,7 +211,15 @@ def export_rows(session: Session, user_id: int) -> Iterator[dict]:
             "x1": row.x1, "y1": row.y1, "x2": row.x2, "y2": row.y2,
             "score": row.det_score, "blur": row.blur,
             "person": row.person_id, "gender": row.attributes.get("gender"),
+            "face_id": row.id, "blurry": row.blurry, "person_name": row.person_name,
         }
+
+
+def failed_photos(session: Session, user_id: int) -> list[tuple[str, str | None]]:
+    """(uri, reason) of every photo of the user that could not be indexed."""
+    return [tuple(r) for r in session.execute(
+        sa.select(Photo.uri, Photo.error).where(Photo.user_id == user_id, Photo.status == "failed")
+        .order_by(Photo.uri))]
 
 
 def user_summary(session: Session, user_id: int) -> dict:
@@ -400,3 +409,83 @@ def move_face(session: Session, user_id: int, face_id: int, person_id: int) -> N
     session.flush()
     _drop_empty_auto_persons(session, user_id)
     _refresh_covers(session, user_id)
+
+
+# ------------------------------------------------------------------------------ cloud workers
+
+
+def photo_face_ids(session: Session, user_id: int, photo_id: int) -> list[int]:
+    """Ids of the photo's faces in face order (what the ingest worker announces on the bus)."""
+    return list(session.scalars(
+        sa.select(Face.id).where(Face.photo_id == photo_id, Face.user_id == user_id).order_by(Face.face_index)))
+
+
+def face_embeddings(session: Session, user_id: int, face_ids: Collection[int]
+                    ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(ids, model versions, float32 embeddings) of those of ``face_ids`` worth clustering.
+
+    The same faces :func:`user_embeddings` would give (embedded, not trash, not blurry), but only
+    the named ones, so an incremental clusterer reads just what is new.
+    """
+    rows = session.execute(
+        sa.select(Face.id, Face.model_version, Face.embedding)
+        .where(Face.user_id == user_id, Face.id.in_(list(face_ids)), Face.embedding.is_not(None),
+               Face.trash.is_(False), Face.blurry.is_(False))
+        .order_by(Face.id)
+    ).all()
+    ids = np.array([row.id for row in rows], dtype=np.int64)
+    vectors = [np.frombuffer(row.embedding, dtype="<f4").astype(np.float32) for row in rows]
+    if len({len(v) for v in vectors}) > 1:
+        raise ValueError(f"embeddings of user {user_id} have different sizes")
+    matrix = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+    return ids, [row.model_version for row in rows], matrix
+
+
+def face_links(session: Session, user_id: int) -> dict[int, int]:
+    """face id -> person id for every face of the user that belongs to a person."""
+    return dict(session.execute(
+        sa.select(FacePerson.face_id, FacePerson.person_id)
+        .join(Person, Person.id == FacePerson.person_id).where(Person.user_id == user_id)).all())
+
+
+def _unlinked_faces(session: Session, user_id: int, face_ids: Collection[int]) -> set[int]:
+    return set(session.scalars(sa.select(Face.id).where(
+        Face.user_id == user_id, Face.id.in_(list(face_ids)), ~sa.exists().where(FacePerson.face_id == Face.id))))
+
+
+def link_faces(session: Session, user_id: int, links: Mapping[int, int]) -> dict[int, int]:
+    """Add automatic links face id -> existing person id; returns the links made.
+
+    Faces that already belong to someone, and persons that are gone or another user's, are
+    skipped, so replaying the same links is harmless and a stale caller cannot resurrect a
+    merged person.
+    """
+    if not links:
+        return {}
+    persons = set(session.scalars(
+        sa.select(Person.id).where(Person.user_id == user_id, Person.id.in_(set(links.values())))))
+    free = _unlinked_faces(session, user_id, links.keys())
+    made = {face: person for face, person in links.items() if face in free and person in persons}
+    if made:
+        session.execute(sa.insert(FacePerson),
+                        [{"face_id": f, "person_id": p, "source": "auto"} for f, p in made.items()])
+        _refresh_covers(session, user_id)
+    return made
+
+
+def create_person(session: Session, user_id: int, face_ids: Collection[int]) -> tuple[int | None, set[int]]:
+    """A new person holding those of ``face_ids`` that are the user's and unlinked (auto links).
+
+    Returns (person id, faces linked); (None, empty set) when no face was free, so a replayed
+    request never leaves an empty person behind.
+    """
+    free = _unlinked_faces(session, user_id, face_ids)
+    if not free:
+        return None, set()
+    person = Person(user_id=user_id)
+    session.add(person)
+    session.flush()
+    session.execute(sa.insert(FacePerson),
+                    [{"face_id": f, "person_id": person.id, "source": "auto"} for f in sorted(free)])
+    _refresh_covers(session, user_id)
+    return person.id, free
