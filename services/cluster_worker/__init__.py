@@ -1,0 +1,1 @@
+"""Cluster worker: ``faces.indexed`` events -> faces assigned to persons, new persons formed."""

@@ -1,0 +1,216 @@
+"""Cluster worker: consumes ``faces.indexed`` and files new faces under persons as they arrive.
+
+Re-clustering a whole library for every upload does not scale, so this worker is incremental:
+
+- a new face joins an existing person when the mean similarity of its ``top_k`` nearest faces
+  of that person (faiss kNN over the user's assigned faces) exceeds ``1 - max_distance``, the
+  cut average linkage uses in the batch job (``facecore.cluster``);
+- faces that join nobody wait in the user's unassigned pool; ``facecore.cluster.cluster`` runs
+  over that pool and every cluster of at least ``min_faces`` becomes a new person.
+
+Events are keyed by user, so a user's faces all arrive in one partition and one worker owns
+them; it keeps the user's faces in memory while it owns the partition and forgets them when
+the partition is revoked (another worker will change them). Writes go through the repository
+(auto links, new persons) in one transaction per user and batch. Every step is idempotent: a
+face already linked is skipped, and the cache is rebuilt from the database after a restart or
+whenever the database disagrees with it (a user merged or deleted a person meanwhile).
+
+Run: ``python -m services.cluster_worker``. The batch job (``facecluster cluster``) can still
+re-cluster a user from scratch; this worker then carries on from its result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from facecore.cluster import DEFAULT_DISTANCE, KNN, cluster
+from facecore.settings import Settings
+
+from .. import bus as busmod
+from ..bus import Bus, Message, Stopped, consume, dead_letter, retry, stop_on_signals
+from ..store import repository as repo
+
+log = logging.getLogger("facecluster.cluster_worker")
+
+GROUP = "cluster"
+TOP_K = 3
+MIN_FACES = 2
+
+
+@dataclass
+class _UserFaces:
+    """One user's clusterable faces of one model version, as of the last commit."""
+
+    partition: int
+    model_version: str
+    assigned_ids: np.ndarray  # (n,) face ids that belong to a person
+    person_of: np.ndarray  # (n,) their person ids
+    index: faiss.IndexFlatIP  # their embeddings, same order
+    unassigned: dict[int, np.ndarray]
+
+    @classmethod
+    def load(cls, session: Session, user_id: int, partition: int, model_version: str) -> _UserFaces:
+        ids, x = repo.user_embeddings(session, user_id, model_version=model_version)
+        links = repo.face_links(session, user_id)
+        linked = np.array([int(i) in links for i in ids], dtype=bool)
+        state = cls(partition, model_version, np.zeros(0, np.int64), np.zeros(0, np.int64), None, {})
+        if len(ids):
+            state.index = faiss.IndexFlatIP(x.shape[1])
+            state.add(ids[linked], np.array([links[int(i)] for i in ids[linked]], np.int64), x[linked])
+            state.unassigned = {int(i): v for i, v, done in zip(ids, x, linked) if not done}
+        return state
+
+    def add(self, face_ids: np.ndarray, person_ids: np.ndarray, x: np.ndarray) -> None:
+        if len(face_ids):
+            if self.index is None:
+                self.index = faiss.IndexFlatIP(x.shape[1])
+            self.index.add(np.ascontiguousarray(x, dtype=np.float32))
+            self.assigned_ids = np.concatenate([self.assigned_ids, face_ids])
+            self.person_of = np.concatenate([self.person_of, person_ids])
+
+
+class ClusterWorker:
+    def __init__(self, bus: Bus, sessions: sessionmaker[Session], stop: threading.Event, *,
+                 max_distance: float = DEFAULT_DISTANCE, top_k: int = TOP_K, min_faces: int = MIN_FACES):
+        self.bus, self.sessions, self.stop = bus, sessions, stop
+        self.min_similarity = 1.0 - max_distance
+        self.max_distance, self.top_k, self.min_faces = max_distance, top_k, min_faces
+        self.users: dict[str, _UserFaces] = {}
+
+    def on_revoke(self, partitions: set[int]) -> None:
+        """Forget the users of partitions another worker takes over."""
+        for name in [n for n, s in self.users.items() if s.partition in partitions]:
+            del self.users[name]
+
+    def _assign(self, state: _UserFaces, ids: np.ndarray, x: np.ndarray) -> dict[int, int]:
+        """face id -> person id for the new faces close enough to one person's faces."""
+        if state.index is None or state.index.ntotal == 0 or not len(ids):
+            return {}
+        sims, idx = state.index.search(np.ascontiguousarray(x, dtype=np.float32), min(KNN, state.index.ntotal))
+        links = {}
+        for face_id, row_sims, row_idx in zip(ids, sims, idx):
+            best: dict[int, list[float]] = {}
+            for sim, j in zip(row_sims, row_idx):  # nearest first
+                if j >= 0:
+                    near = best.setdefault(int(state.person_of[j]), [])
+                    if len(near) < self.top_k:
+                        near.append(float(sim))
+            person, score = max(((p, float(np.mean(s))) for p, s in best.items()), key=lambda ps: ps[1])
+            if score > self.min_similarity:
+                links[int(face_id)] = person
+        return links
+
+    def _new_persons(self, pool: dict[int, np.ndarray]) -> list[list[int]]:
+        """Groups of pooled faces that agree with each other well enough to be a person."""
+        if len(pool) < self.min_faces:
+            return []
+        ids = np.fromiter(pool, dtype=np.int64, count=len(pool))
+        labels = cluster(np.stack([pool[int(i)] for i in ids]), self.max_distance, min_size=self.min_faces)
+        return [sorted(int(i) for i in ids[labels == label]) for label in np.unique(labels[labels >= 0])]
+
+    def _update_user(self, name: str, partition: int, face_ids: set[int]) -> tuple[int, int, int]:
+        """One transaction for one user's new faces: (faces seen, faces linked, persons made)."""
+        seen = linked = made = 0
+        with self.sessions() as session:
+            user = repo.find_user(session, name)
+            if user is None:  # deleted since the photo was indexed
+                return seen, linked, made
+            ids, versions, x = repo.face_embeddings(session, user.id, face_ids)
+            for version in sorted(set(versions)):
+                rows = np.array([v == version for v in versions])
+                state = self.users.get(name)
+                if state is None or state.model_version != version:
+                    state = _UserFaces.load(session, user.id, partition, version)
+                new = ~np.isin(ids[rows], state.assigned_ids)
+                new_ids, new_x = ids[rows][new], x[rows][new]
+                wanted = self._assign(state, new_ids, new_x)
+                links = repo.link_faces(session, user.id, wanted)
+                pool = {i: v for i, v in state.unassigned.items() if i not in links}
+                pool.update((int(i), v) for i, v in zip(new_ids, new_x) if int(i) not in links)
+                persons = []
+                for group in self._new_persons(pool):
+                    person_id, members = repo.create_person(session, user.id, group)
+                    persons.append((person_id, group, members))
+                session.commit()
+                seen, linked, made = seen + len(new_ids), linked + len(links), made + len(persons)
+
+                if links != wanted or any(set(group) != members for _, group, members in persons):
+                    # A person went away or a face was linked by someone else meanwhile: the
+                    # cache is no longer the truth, so the next batch reads the database again.
+                    self.users.pop(name, None)
+                    continue
+                if links:
+                    by_id = dict(zip(new_ids.tolist(), new_x))
+                    state.add(np.fromiter(links, np.int64), np.fromiter(links.values(), np.int64),
+                              np.stack([by_id[f] for f in links]))
+                for person_id, group, _ in persons:
+                    state.add(np.array(group, np.int64), np.full(len(group), person_id, np.int64),
+                              np.stack([pool.pop(f) for f in group]))
+                state.unassigned = pool
+                self.users[name] = state
+        return seen, linked, made
+
+    def handle(self, batch: list[Message]) -> None:
+        started = time.perf_counter()
+        dead = [dead_letter(m, m.error) for m in batch if m.error]
+        by_user: dict[str, tuple[int, set[int]]] = {}
+        for m in batch:
+            if not m.error:
+                by_user.setdefault(m.value["user"], (m.partition, set()))[1].update(m.value["face_ids"])
+        totals = Counter()
+        for name, (partition, face_ids) in by_user.items():
+            seen, linked, made = retry(lambda: self._update_user(name, partition, face_ids),
+                                       f"clustering faces of {name}", self.stop)
+            totals.update(seen=seen, linked=linked, persons=made)
+        retry(lambda: self.bus.publish(busmod.DEAD, dead), "publishing photo.dead", self.stop)
+        log.info("batch of %d (%d users): %d clusterable new faces, %d joined persons, %d new persons, "
+                 "%d malformed; %.2fs", len(batch), len(by_user), totals["seen"], totals["linked"],
+                 totals["persons"], len(dead), time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.cluster_worker",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--group", default=GROUP, help="consumer group (workers of one group share the users)")
+    parser.add_argument("--top-k", type=int, default=TOP_K, help="nearest faces of a person that must agree")
+    parser.add_argument("--min-faces", type=int, default=MIN_FACES, help="faces that make a new person")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+
+    stop = stop_on_signals()
+    settings = Settings()
+    from ..ingest.worker import migrate_database
+    from ..store.db import make_engine, session_factory
+
+    bus = busmod.connect(settings.bus_url)
+    engine = make_engine(settings.database_url)
+    consumer = None
+    try:
+        retry(bus.ensure_topics, "topic creation", stop)
+        migrate_database(engine, stop)
+        worker = ClusterWorker(bus, session_factory(engine), stop,
+                               max_distance=settings.cluster_threshold or DEFAULT_DISTANCE,
+                               top_k=args.top_k, min_faces=args.min_faces)
+        consumer = retry(lambda: bus.consumer(busmod.INDEXED, args.group, max_records=settings.batch_size,
+                                              on_revoke=worker.on_revoke), "joining the consumer group", stop)
+        log.info("consuming %s as group %s", busmod.INDEXED, args.group)
+        consume(consumer, worker.handle, stop)
+    except Stopped as e:
+        log.info("stopped while waiting for %s; the uncommitted batch will be redelivered", e)
+    finally:
+        if consumer is not None:
+            consumer.close()
+        bus.close()
+        engine.dispose()
+    log.info("exiting")
+    return 0

@@ -1,0 +1,1 @@
+"""Ingest worker: ``photo.uploaded`` events -> face pipeline -> photo/face rows -> ``faces.indexed``."""
