@@ -17,14 +17,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from facecore.settings import Settings
+from facecore.settings import Settings, load_settings
 
 log = logging.getLogger("facecluster")
 
 
 def _settings(args) -> Settings:
-    if getattr(args, "config", None):
-        os.environ["FACECLUSTER_CONFIG"] = str(args.config)
     overrides = {}
     if getattr(args, "db", None):
         overrides["database_url"] = args.db
@@ -32,7 +30,7 @@ def _settings(args) -> Settings:
         overrides["threads"] = args.threads
     if getattr(args, "user", None):
         overrides["default_user"] = args.user
-    return Settings(**overrides)
+    return load_settings(getattr(args, "config", None), **overrides)
 
 
 def _sessions(settings: Settings):

@@ -37,7 +37,7 @@ import numpy as np
 
 from .models import InferenceModel, resolve
 from .mtcnn_onnx import BUILDERS
-from .settings import Settings, get_settings
+from .settings import Settings
 from .types import Detections
 
 WINDOW = 12  # P-Net's receptive field, in pixels of a pyramid level
@@ -305,7 +305,7 @@ class MTCNN:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "MTCNN":
-        s = settings or get_settings()
+        s = settings or Settings()
         return cls(s.min_face_size, s.det_thresholds, s.scale_factor, providers=s.providers, threads=s.threads)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:

@@ -135,6 +135,9 @@ class InferenceModel:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # The arena keeps the largest block ever seen per shape; P-Net canvases change shape
+        # with every batch, so with it on the resident memory doubles (1.9 GB vs 0.9 GB on LFW).
+        opts.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(model, sess_options=opts, providers=available_providers(providers))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -65,6 +65,8 @@ class FacePipeline:
         s = self.settings
         try:
             if isinstance(source, bytes):
+                if len(source) > s.max_bytes:
+                    raise dec.PhotoError(f"file too large ({len(source)} bytes > limit {s.max_bytes})")
                 return dec.decode(source, max_pixels=s.max_pixels)
             return dec.load(source, max_bytes=s.max_bytes, max_pixels=s.max_pixels)
         except dec.PhotoError as e:

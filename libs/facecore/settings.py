@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from functools import lru_cache
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,15 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
+_config_file: ContextVar[str | None] = ContextVar("facecluster_config_file", default=None)
+
+
 class _TomlSource(PydanticBaseSettingsSource):
-    """Reads the file named by FACECLUSTER_CONFIG; a missing name means no file."""
+    """Reads the file given to load_settings, else the one named by FACECLUSTER_CONFIG."""
 
     def __init__(self, settings_cls: type[BaseSettings]):
         super().__init__(settings_cls)
-        path = os.environ.get("FACECLUSTER_CONFIG")
+        path = _config_file.get() or os.environ.get("FACECLUSTER_CONFIG")
         self._data: dict[str, Any] = {}
         if path:
             with open(path, "rb") as f:
@@ -80,6 +83,10 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _TomlSource(settings_cls), file_secret_settings)
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()
+def load_settings(config: str | os.PathLike | None = None, **overrides: Any) -> Settings:
+    """Settings with an explicit TOML file (ranked below env vars) and overrides (ranked above)."""
+    token = _config_file.set(str(config) if config else None)
+    try:
+        return Settings(**overrides)
+    finally:
+        _config_file.reset(token)
