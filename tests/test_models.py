@@ -1,0 +1,54 @@
+"""The model registry refuses files that are not the pinned ones; ONNX batch axis made dynamic."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from facecore import models
+from facecore.embed import Embedder
+
+
+def test_registry_files_verify():
+    for name in ("mtcnn-pnet", "sface", "yunet"):
+        path, version = models.resolve(name)
+        assert path.is_file() and version
+
+
+def test_tampered_file_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "pkg"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "w.onnx").write_bytes(b"not the model")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(models.REGISTRY, "fake", models.ModelFile("fake", "pkg", "w.onnx", "0" * 64, "v1"))
+    with pytest.raises(models.ModelIntegrityError, match="sha256"):
+        models.resolve("fake")
+
+
+def test_unknown_name_is_a_clear_error():
+    with pytest.raises(models.ModelIntegrityError, match="neither a registered model"):
+        models.resolve("no-such-model")
+
+
+def test_make_batch_dynamic_runs_any_batch(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 3], [1, 2, 3])
+    g = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"])], "g", [x, helper.make_tensor_value_info(
+        "w", TensorProto.FLOAT, [1, 3])], [y], [w])
+    m = models.make_batch_dynamic(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    assert [i.name for i in m.graph.input] == ["x"]
+    out = models.InferenceModel(m).predict(np.ones((4, 3), np.float32))[0]
+    np.testing.assert_allclose(out, np.tile([1, 2, 3], (4, 1)))
+
+
+def test_embedder_any_batch_and_version():
+    e = Embedder("sface", threads=1, flip_tta=True)
+    crops = np.random.default_rng(0).integers(0, 255, (5, 112, 112, 3), dtype=np.uint8)
+    out = e.embed(crops, batch_size=4)
+    assert out.shape == (5, 128)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert e.version == "sface-2021dec+flip"
+    # batching must not change the numbers
+    np.testing.assert_allclose(e.embed(crops, batch_size=64), out, atol=1e-5)
