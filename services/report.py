@@ -15,7 +15,7 @@ from .store import repository as repo
 log = logging.getLogger(__name__)
 
 THUMB = 96
-MAX_FACES_PER_PERSON = 24
+MAX_FACES_PER_PERSON = 36
 
 
 def _thumb(src: Path, box: tuple[float, float, float, float], dst: Path) -> bool:
@@ -66,11 +66,17 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
             faces) > MAX_FACES_PER_PERSON else ""
         return "".join(cells) + more
 
+    singles = [p for p in persons if len(by_person[p]) == 1]
     for p in persons:
         faces = by_person[p]
+        if len(faces) == 1:
+            continue
         label = faces[0].get("person_name") or f"Person {p}"
         parts.append(f"<section><h2>{html.escape(label)} <small>{len(faces)} faces</small></h2>"
                      f"<div class=faces>{face_imgs(faces)}</div></section>")
+    if singles:
+        parts.append(f"<section><h2>Seen once <small>{len(singles)} persons with one face each</small></h2>"
+                     f"<div class=faces>{face_imgs([by_person[p][0] for p in singles])}</div></section>")
     if by_person.get(""):
         parts.append(f"<section><h2>Not in any album <small>{len(by_person[''])} faces (blurry or unassigned)"
                      f"</small></h2><div class=faces>{face_imgs(by_person[''])}</div></section>")
