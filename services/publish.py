@@ -97,7 +97,7 @@ def publish_photos(bus: Bus, store: Path, user: str, items: Iterable[tuple[str, 
 def cmd_publish(args) -> None:
     from facecore.settings import Settings
 
-    from .bus import connect
+    from .bus import MemoryBus, connect
     from .indexing import folder_items
 
     if args.config:
@@ -107,6 +107,9 @@ def cmd_publish(args) -> None:
     if not root.is_dir():
         raise SystemExit(f"not a folder: {root}")
     bus = connect(settings.bus_url)
+    if isinstance(bus, MemoryBus):
+        raise SystemExit(f"publish needs a shared bus such as kafka://host:port (--bus or FACECLUSTER_BUS_URL); "
+                         f"{settings.bus_url} only lives inside one process")
     try:
         bus.ensure_topics()
         summary = publish_photos(bus, settings.object_store, args.user, folder_items(root),

@@ -168,6 +168,7 @@ class IngestWorker:
         retry(lambda: self._find_indexed(jobs), "indexed-photo lookup", self.stop)
         todo = [job for job in jobs if job.status is None]
         report.already = len(jobs) - len(todo)
+        lap("lookup")
         datas = list(self._pool.map(lambda job: self._read(job.value), todo))
         lap("read")
 

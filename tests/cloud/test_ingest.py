@@ -21,6 +21,7 @@ long soak run is::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,7 +29,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -213,8 +213,6 @@ class Deployment:
         return proc.stdout
 
     def _record(self, user: str, items: list[tuple[str, Path]]) -> None:
-        import hashlib
-
         self.published.extend((user, uri, hashlib.sha256(path.read_bytes()).hexdigest()) for uri, path in items)
 
     def expected_rows(self) -> int:
@@ -397,19 +395,20 @@ def test_killed_worker_loses_nothing(reference, deployment, main_set):
     for j in range(max(0, SOAK_EVENTS - MAIN_PHOTOS)):
         path = pool[j % len(pool)]
         extra[f"soak-{j // len(pool)}"].append((f"soak-{j}/{uri_of(path)}", path))
-    expected_total = MAIN_PHOTOS + sum(len(v) for v in extra.values())
+    first_half = {user: its[:len(its) // 2] for user, its in extra.items()}
+    dep.publish(first_half)
 
     worker = dep.start()
     for n in range(3):
         # Each worker stores something first, then dies anywhere: in the pipeline, between two
         # photo commits, or between the database commit and the offset commit.
-        threshold = (dep.rows() or 0) + rng.randint(1, max(3 * BATCH, expected_total // 5))
+        threshold = min(dep.expected_rows(), (dep.rows() or 0) + rng.randint(1, max(3 * BATCH, SOAK_EVENTS // 5)))
         dep.wait(f"{threshold} rows before kill {n + 1}", lambda: (dep.rows() or 0) >= threshold,
-                 WORKER_START_S + 600, [worker])
+                 WORKER_START_S + 600 + 2 * SOAK_EVENTS // 5, [worker])
         time.sleep(rng.choice([0.0, rng.uniform(0, 2.5)]))
         worker.kill()
-        if n == 0:
-            dep.publish(extra)  # the stream goes on while no worker is running
+        if n == 0:  # the stream goes on while no worker is running
+            dep.publish({user: its[len(its) // 2:] for user, its in extra.items()})
         worker = dep.start()
     dep.wait_drained([worker], timeout=WORKER_START_S + 600 + 2 * SOAK_EVENTS)
     assert worker.stop() == 0, worker.log()[-4000:]
