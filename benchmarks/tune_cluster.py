@@ -41,15 +41,18 @@ def main() -> None:
     ap.add_argument("--db", required=True)
     ap.add_argument("--user", default="lfw")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/lfw-dev")
+    ap.add_argument("--average", type=float, nargs="*", default=[0.45, 0.5, 0.55, 0.6, 0.65, 0.7],
+                    help="average-linkage cosine distance cuts to try")
+    ap.add_argument("--dbscan", type=float, nargs="*", default=[0.4, 0.5], help="DBSCAN eps values to try")
     args = ap.parse_args()
     sessions = session_factory(make_engine(args.db))
     with sessions() as s:
         uid = repo.get_or_create_user(s, args.user).id
         ids, x = repo.user_embeddings(s, uid)
         rows = list(repo.export_rows(s, uid))
-    methods = {f"average@{t:.2f}": (lambda t: lambda: fc.cluster(x, t))(t) for t in (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)}
+    methods = {f"average@{t:.2f}": (lambda t: lambda: fc.cluster(x, t))(t) for t in args.average}
     methods.update({f"dbscan@{e:.2f}": (lambda e: lambda: DBSCAN(eps=e, min_samples=1, metric="cosine")
-                                        .fit_predict(x))(e) for e in (0.4, 0.5)})
+                                        .fit_predict(x))(e) for e in args.dbscan})
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, run in methods.items():

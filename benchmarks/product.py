@@ -1,0 +1,127 @@
+"""Measure facecluster itself the way peers.py measures the peers, writing the same files.
+
+LFW mode: `index` of all LFW-dev photos into a fresh SQLite file (timed per stage, peak
+RSS), `cluster`, `export` -> OUTDIR/product_faces.csv, and pair scores from the stored
+embeddings of each photo's central face -> OUTDIR/product_scores.tsv (the same vectors
+`facecluster verify` computes). --photos-dir mode only times `index` over any folder.
+
+    python benchmarks/product.py --out out/bench [--threads 2] [--name product]
+    python benchmarks/product.py --photos-dir DIR --out out/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from facecore.embed import embedder_version
+from facecore.pipeline import FacePipeline
+from facecore.settings import load_settings
+from facecore.verify import read_pairs
+from services.clustering import cluster_user
+from services.indexing import folder_items, index_items
+from services.store import repository as repo
+from services.store.db import make_engine, migrate, session_factory
+
+from score import DEFAULT_DATA, score_clusters, score_pairs
+
+FIELDS = ["photo", "face", "x1", "y1", "x2", "y2", "score", "blur", "person", "gender"]
+
+
+def central_scores(rows: list[dict], embeddings: dict[int, np.ndarray], pairs, images: Path) -> np.ndarray:
+    from PIL import Image
+
+    best: dict[str, tuple[float, int]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        if r["face_id"] not in embeddings:
+            continue
+        p = r["photo"]
+        if p not in sizes:
+            with Image.open(images / p) as im:
+                sizes[p] = im.size
+        w, h = sizes[p]
+        d = ((r["x1"] + r["x2"]) / 2 - w / 2) ** 2 + ((r["y1"] + r["y2"]) / 2 - h / 2) ** 2
+        if p not in best or d < best[p][0]:
+            best[p] = (d, r["face_id"])
+    out = np.full(len(pairs), -1.0)
+    for i, (a, b) in enumerate(pairs):
+        if a in best and b in best:
+            out[i] = float(embeddings[best[a][1]] @ embeddings[best[b][1]])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--photos-dir", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("out/bench"))
+    ap.add_argument("--name", default="product")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = args.photos_dir or args.data / "images"
+    prefix = args.out / (f"{args.name}_photos" if args.photos_dir else args.name)
+    db = prefix.with_suffix(".db")
+    for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        f.unlink(missing_ok=True)
+    settings = load_settings(database_url=f"sqlite:///{db}", threads=args.threads, default_user="bench")
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    sessions = session_factory(engine)
+    t0 = time.perf_counter()
+    pipeline = FacePipeline(settings)
+    load_s = time.perf_counter() - t0
+    items = folder_items(images)
+    cpu0 = time.process_time()
+    summary = index_items(pipeline, sessions, "bench", items)
+    cpu = time.process_time() - cpu0
+    pipeline.close()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n = max(summary.seen, 1)
+    timing = {
+        "peer": args.name, "photos": summary.seen, "indexed": summary.indexed, "failed": summary.failed,
+        "faces": summary.faces, "blurry_faces": summary.blurry_faces,
+        "photos_per_s": summary.seen / summary.seconds, "wall_s": summary.seconds, "model_load_s": load_s,
+        "cpu_ms_per_photo": 1000 * cpu / n,
+        "ms_per_photo": {**{k: 1000 * v / n for k, v in summary.stage_seconds.items()},
+                         "total": 1000 * summary.seconds / n},
+        "peak_rss_mb": rss, "threads": args.threads, "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
+        "config": {"min_face_size": settings.min_face_size, "embedder": embedder_version(settings.embedder,
+                                                                                        settings.flip_tta),
+                   "batch_size": settings.batch_size},
+        "platform": platform.platform(),
+    }
+    if not args.photos_dir:
+        t = time.perf_counter()
+        cs = cluster_user(sessions, "bench", pipeline.model_version)
+        timing["cluster_s"] = time.perf_counter() - t
+        timing["clusters"] = cs.clusters
+        with sessions() as s:
+            uid = repo.get_or_create_user(s, "bench").id
+            rows = list(repo.export_rows(s, uid))
+            ids, x = repo.user_embeddings(s, uid)
+        with open(f"{prefix}_faces.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        scores = central_scores(rows, dict(zip(ids.tolist(), x)), read_pairs(args.data / "pairs.txt"), images)
+        Path(f"{prefix}_scores.tsv").write_text("score\n" + "".join(f"{s:.6f}\n" for s in scores))
+        result = {"verification": score_pairs(Path(f"{prefix}_scores.tsv"), args.data),
+                  "clustering": score_clusters(Path(f"{prefix}_faces.csv"), args.data)}
+        Path(f"{prefix}_score.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+    Path(f"{prefix}_timing.json").write_text(json.dumps(timing, indent=1))
+    print(json.dumps(timing))
+
+
+if __name__ == "__main__":
+    main()
