@@ -52,3 +52,10 @@ def test_embedder_any_batch_and_version():
     assert e.version == "sface-2021dec+flip"
     # batching must not change the numbers
     np.testing.assert_allclose(e.embed(crops, batch_size=64), out, atol=1e-5)
+
+
+def test_opencv_backend_gives_the_same_vectors():
+    crops = np.random.default_rng(1).integers(0, 255, (6, 112, 112, 3), dtype=np.uint8)
+    a = Embedder("sface", threads=1, flip_tta=False).embed(crops)
+    b = Embedder("sface", threads=1, flip_tta=False, backend="opencv").embed(crops, batch_size=4)
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -21,7 +21,7 @@ PAIRS_PER_KIND = 8
 
 @pytest.fixture(scope="module")
 def pipeline():
-    p = FacePipeline(Settings(max_bytes=MAX_BYTES, threads=2))
+    p = FacePipeline(Settings(max_bytes=MAX_BYTES, threads=2, flip_tta=True))
     yield p
     p.close()
 

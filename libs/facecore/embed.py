@@ -33,14 +33,14 @@ class Embedder(InferenceModel):
     """Any ArcFace-style ONNX model: NCHW RGB 112x112 input, one embedding output."""
 
     def __init__(self, name_or_path: str = "sface", *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int = 0, flip_tta: bool = True):
+                 threads: int = 0, flip_tta: bool = True, backend: str = "onnxruntime"):
         path, _ = resolve(name_or_path)
         model = make_batch_dynamic(onnx.load(str(path)))
         self.in_graph_norm = _normalises_inside(model)
+        self.dim = int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
         super().__init__(model, providers=providers, threads=threads,
-                         version=embedder_version(name_or_path, flip_tta))
+                         version=embedder_version(name_or_path, flip_tta), backend=backend)
         self.flip_tta = flip_tta
-        self.dim = int(self.session.get_outputs()[0].shape[-1])
 
     def _prepare(self, crops: np.ndarray) -> np.ndarray:
         x = crops.astype(np.float32).transpose(0, 3, 1, 2)

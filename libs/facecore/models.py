@@ -121,15 +121,31 @@ def available_providers(wanted: Sequence[str]) -> list[str]:
 
 
 class InferenceModel:
-    """Load an ONNX model once; ``predict(batch)`` runs it on a batch of any size."""
+    """Load an ONNX model once; ``predict(batch)`` runs it on a batch of any size.
+
+    backend "onnxruntime" uses the configured providers (TensorRT, CUDA, CPU);
+    "opencv" runs the same file with OpenCV's DNN engine, which on our 2-core CPU
+    runs SFace a third faster than ONNX Runtime's CPU provider (docs/BENCHMARKS.md).
+    """
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto | bytes, *,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
-                 version: str = "unversioned"):
+                 version: str = "unversioned", backend: str = "onnxruntime"):
         if isinstance(model, onnx.ModelProto):
             model = model.SerializeToString()
         elif not isinstance(model, bytes):
             model = str(model)
+        self.version = version
+        self.backend = backend
+        if backend == "opencv":
+            import cv2
+
+            buf = np.frombuffer(model, np.uint8) if isinstance(model, bytes) else model
+            self.net = cv2.dnn.readNetFromONNX(buf)
+            self.output_names = list(self.net.getUnconnectedOutLayersNames())
+            return
+        if backend != "onnxruntime":
+            raise ValueError(f"unknown inference backend {backend!r} (onnxruntime or opencv)")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -138,10 +154,23 @@ class InferenceModel:
         # The arena keeps the largest block ever seen per shape; P-Net canvases change shape
         # with every batch, so with it on the resident memory doubles (1.9 GB vs 0.9 GB on LFW).
         opts.enable_cpu_mem_arena = False
+        # Idle intra-op threads spin by default, burning a core the decoder or a second
+        # worker process could use; on 2 cores that costs more than the wake-up latency.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model, sess_options=opts, providers=available_providers(providers))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.version = version
 
     def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+        if self.backend == "opencv":
+            self.net.setInput(batch)
+            return list(self.net.forward(self.output_names))
         return self.session.run(self.output_names, {self.input_names[0]: batch})
+
+
+def choose_backend(backend: str, providers: Sequence[str]) -> str:
+    """"auto": OpenCV's engine when only the CPU is configured, ONNX Runtime for accelerators."""
+    if backend != "auto":
+        return backend
+    accel = [p for p in available_providers(providers) if p != "CPUExecutionProvider"]
+    return "onnxruntime" if accel else "opencv"

@@ -15,12 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import cv2
 import numpy as np
 
 from . import decode as dec
 from .align import align_faces
 from .detect import MTCNN
 from .embed import Embedder
+from .models import choose_backend
 from .quality import DEFAULT_BLUR_THRESHOLD, blur_scores
 from .settings import Settings
 from .types import FaceRecord, PhotoResult
@@ -48,8 +50,11 @@ class FacePipeline:
         self.threads = threads
         self.detector = detector or MTCNN(min_face_size=s.min_face_size, thresholds=tuple(s.det_thresholds),
                                           scale_factor=s.scale_factor, providers=s.providers, threads=threads)
+        backend = choose_backend(s.embed_backend, s.providers)
+        if backend == "opencv":
+            cv2.setNumThreads(threads)
         self.embedder = embedder or Embedder(s.embedder, providers=s.providers, threads=threads,
-                                             flip_tta=s.flip_tta)
+                                             flip_tta=s.flip_tta, backend=backend)
         self.blur_threshold = s.blur_threshold or DEFAULT_BLUR_THRESHOLD
         self.timer = StageTimer()
         self._pool = ThreadPoolExecutor(max_workers=threads)

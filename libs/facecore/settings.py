@@ -53,9 +53,11 @@ class Settings(BaseSettings):
         "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
     )
     threads: int = Field(0, description="intra-op threads per model; 0 = one per core")
+    embed_backend: str = Field("auto", description="auto | onnxruntime | opencv; auto picks OpenCV's DNN "
+                               "engine when only the CPU provider is available (faster there)")
     batch_size: int = 32
     embedder: str = Field("sface", description="registry name, or a path to an ArcFace-style ONNX file")
-    flip_tta: bool = True
+    flip_tta: bool = False
 
     # detection
     min_face_size: int = 20
