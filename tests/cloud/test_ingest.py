@@ -6,8 +6,7 @@ Whatever happens, every photo must end up stored exactly once, the corrupt ones 
 a reason and on ``photo.dead``, and the rows must equal those of one undisturbed worker.
 
 Every test gets its own topic namespace, database and object store, so runs never see each
-other's events. The worker embeds without flip TTA (``FACECLUSTER_FLIP_TTA=false``): the same
-models at half the embedding cost, which keeps this file within a few minutes on 2 cores.
+other's events.
 
 ``FACECLUSTER_SOAK_EVENTS`` (default 300) is the number of upload events the kill test sends:
 the 200 photos of the main set plus LFW-dev photos reused under new ids for extra users. The
@@ -185,8 +184,7 @@ class Deployment:
     def env(self, threads: int) -> dict:
         return {**os.environ, "FACECLUSTER_DATABASE_URL": self.db_url, "FACECLUSTER_BUS_URL": self.bus_url,
                 "FACECLUSTER_OBJECT_STORE": str(self.store), "FACECLUSTER_BATCH_SIZE": str(BATCH),
-                "FACECLUSTER_THREADS": str(threads), "FACECLUSTER_FLIP_TTA": "false",
-                "FACECLUSTER_MAX_BYTES": str(MAX_BYTES)}
+                "FACECLUSTER_THREADS": str(threads), "FACECLUSTER_MAX_BYTES": str(MAX_BYTES)}
 
     def start(self, module: str = "services.ingest", threads: int = 2, *args: str) -> Worker:
         name = f"{module.split('.')[-1]}-{len(self.workers)}"
