@@ -424,7 +424,10 @@ def test_export_rows(session, user):
     assert [(r["photo"], r["face"], r["person"], r["gender"]) for r in rows] == [
         ("a.jpg", 0, None, "F"), ("b.jpg", 0, person, "F"), ("b.jpg", 1, None, None)]
     assert rows[0] == {"photo": "a.jpg", "face": 0, "x1": 10.0, "y1": 20.0, "x2": 110.5, "y2": 140.25,
-                       "score": 0.5, "blur": 0.8, "person": None, "gender": "F"}
+                       "score": 0.5, "blur": 0.8, "person": None, "gender": "F",
+                       "face_id": rows[0]["face_id"], "blurry": False, "person_name": None}
+    repo.rename_person(session, user.id, person, "Ann")
+    assert next(r for r in repo.export_rows(session, user.id) if r["person"] == person)["person_name"] == "Ann"
 
 
 def test_user_summary(session, user, two_persons):

