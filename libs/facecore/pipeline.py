@@ -20,6 +20,7 @@ import numpy as np
 
 from . import decode as dec
 from .align import align_faces
+from .attributes import AttributeHead
 from .detect import MTCNN
 from .embed import Embedder
 from .models import choose_backend
@@ -55,6 +56,7 @@ class FacePipeline:
             cv2.setNumThreads(threads)
         self.embedder = embedder or Embedder(s.embedder, providers=s.providers, threads=threads,
                                              flip_tta=s.flip_tta, backend=backend)
+        self.attributes = AttributeHead.for_embedder(self.embedder.version)  # None: no head for this embedder
         self.blur_threshold = s.blur_threshold or DEFAULT_BLUR_THRESHOLD
         self.timer = StageTimer()
         self._pool = ThreadPoolExecutor(max_workers=threads)
@@ -118,6 +120,9 @@ class FacePipeline:
             emb = self.embedder.embed(np.stack(crops), batch_size=self.settings.batch_size * 2)
             for face, e in zip(owners, emb):
                 face.embedding = e
+            if self.attributes is not None:
+                for face, a in zip(owners, self.attributes.predict_attributes(emb)):
+                    face.attributes.update(a)
         self.timer.add("embed", t)
         return results
 

@@ -1,0 +1,123 @@
+"""The shipped gender head: pinned file, tied to its embedder, right on real LFW-dev photos.
+
+The photos below were in the head's training set (it is trained on all of LFW-dev), so
+their accuracy only shows the head is wired up correctly; the held-out, person-disjoint
+figure is the cross-validated one in the model card.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from facecore import models
+from facecore.attributes import DEFAULT_HEAD, AttributeHead, IncompatibleEmbedderError
+from facecore.embed import embedder_version
+from facecore.pipeline import FacePipeline
+from facecore.settings import Settings
+
+CARD = Path(models.REGISTRY[DEFAULT_HEAD].path()).with_suffix(".json")
+
+
+def lfw_dev() -> Path:
+    """LFW-dev root: ``<repo>/../shared/data/lfw-dev``, or $FACECLUSTER_LFW_DEV. Missing data fails the run."""
+    default = Path(__file__).resolve().parents[1].parent / "shared/data/lfw-dev"
+    root = Path(os.environ.get("FACECLUSTER_LFW_DEV") or default)
+    if not (root / "gender.tsv").is_file():
+        pytest.fail(f"LFW-dev gender labels not found at {root}; set FACECLUSTER_LFW_DEV")
+    return root
+
+
+@pytest.fixture(scope="module")
+def card() -> dict:
+    return json.loads(CARD.read_text())
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    p = FacePipeline(Settings(threads=2))
+    yield p
+    p.close()
+
+
+def test_shipped_head_is_pinned_and_matches_its_card(card):
+    entry = models.REGISTRY[DEFAULT_HEAD]
+    path, version = models.resolve(DEFAULT_HEAD)  # raises unless the file has the pinned sha256
+    assert card["sha256"] == entry.sha256 == models.sha256_file(path)
+    assert card["version"] == version
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["embedder_version"] == card["embedder_version"]
+    assert json.loads(meta["attributes"]) == card["labels"]
+    assert card["embedder_version"] == embedder_version("sface", Settings().flip_tta)  # the default embedder
+    fold_acc = [f["accuracy"] for f in card["metrics"]["gender"]["folds"]]
+    assert len(fold_acc) == 5 and min(fold_acc) > 0.9  # the held-out figures; see the card
+
+
+def test_a_changed_file_is_refused(monkeypatch, card):
+    entry = models.REGISTRY[DEFAULT_HEAD]
+    monkeypatch.setitem(models.REGISTRY, DEFAULT_HEAD, dataclasses.replace(entry, sha256="0" * 64))
+    with pytest.raises(models.ModelIntegrityError, match="sha256"):
+        AttributeHead(card["embedder_version"])
+
+
+def other_flip_setting() -> Settings:
+    """The default embedder with flip TTA toggled: same model, different vectors."""
+    return Settings(threads=1, flip_tta=not Settings().flip_tta)
+
+
+def test_other_embedders_are_refused(card):
+    other = embedder_version("sface", other_flip_setting().flip_tta)
+    with pytest.raises(IncompatibleEmbedderError, match=card["embedder_version"]):
+        AttributeHead(other)
+    assert AttributeHead.for_embedder(other) is None
+    assert AttributeHead.for_embedder(card["embedder_version"]) is not None
+
+
+def test_pipeline_without_matching_head_sets_no_attributes():
+    p = FacePipeline(other_flip_setting())
+    try:
+        assert p.attributes is None
+    finally:
+        p.close()
+
+
+def balanced_sample(per_class: int) -> list[tuple[str, str]]:
+    """``per_class`` photos of each gender, spread over the alphabet, same photos every run."""
+    with open(lfw_dev() / "gender.tsv", newline="") as f:
+        rows = sorted((r["image"], r["gender"]) for r in csv.DictReader(f, delimiter="\t"))
+    out = []
+    for g in ("F", "M"):
+        of_g = [r for r in rows if r[1] == g]
+        out += of_g[:: len(of_g) // per_class][:per_class]
+    return out
+
+
+def central(faces, width: int, height: int):
+    d = [(((f.box[:2] + f.box[2:4]) / 2 - [width / 2, height / 2]) ** 2).sum() for f in faces]
+    return faces[int(np.argmin(d))]
+
+
+def test_pipeline_predicts_gender_on_lfw_dev(pipeline):
+    sample = balanced_sample(50)
+    results = pipeline.process([(name, lfw_dev() / "images" / name) for name, _ in sample])
+    right = total = 0
+    for (_, truth), r in zip(sample, results):
+        assert r.ok, r.error
+        for face in r.faces:  # every embedded face gets attributes, none without an embedding
+            assert ("gender" in face.attributes) == (face.embedding is not None)
+        face = central(r.faces, r.width, r.height)
+        if face.embedding is None:
+            continue
+        assert face.attributes["gender"] in ("M", "F")
+        assert 0.5 <= face.attributes["gender_p"] <= 1.0
+        total += 1
+        right += face.attributes["gender"] == truth
+    assert total >= 95
+    assert right / total >= 0.95, f"{right}/{total}"
