@@ -15,6 +15,8 @@ $py benchmarks/peers.py dlib --out "$out" --threads 2 --limit "${DLIB_LIMIT:-100
 $py benchmarks/product.py --out "$out" --threads 2 --photos-dir "$photos"
 $py benchmarks/peers.py opencv --out "$out" --threads 2 --photos-dir "$photos"
 $py benchmarks/peers.py dlib --out "$out" --threads 2 --photos-dir "$photos" --limit "${DLIB_LIMIT_PHOTOS:-60}"
+$py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab.txt"
+$py benchmarks/speed_ab.py --photos 60 --rounds 2 --dir "$photos" > "$out/speed_ab_photos.txt"
 $py benchmarks/calibrate_blur.py --limit 1500 > "$out/blur_calibration.json"
 (cd benchmarks && ../$py tune_cluster.py --db "sqlite:///../$out/product.db" --user bench \
     --average 0.5 0.53 0.55 0.56 0.57 0.58 0.6 --dbscan 0.4 > "../$out/cluster_sweep.txt")
