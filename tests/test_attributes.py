@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +21,9 @@ from facecore.attributes import DEFAULT_HEAD, AttributeHead, IncompatibleEmbedde
 from facecore.embed import embedder_version
 from facecore.pipeline import FacePipeline
 from facecore.settings import Settings
+from badinput import lfw_dev
 
 CARD = Path(models.REGISTRY[DEFAULT_HEAD].path()).with_suffix(".json")
-
-
-def lfw_dev() -> Path:
-    """LFW-dev root: ``<repo>/../shared/data/lfw-dev``, or $FACECLUSTER_LFW_DEV. Missing data fails the run."""
-    default = Path(__file__).resolve().parents[1].parent / "shared/data/lfw-dev"
-    root = Path(os.environ.get("FACECLUSTER_LFW_DEV") or default)
-    if not (root / "gender.tsv").is_file():
-        pytest.fail(f"LFW-dev gender labels not found at {root}; set FACECLUSTER_LFW_DEV")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 from pathlib import Path
 
@@ -17,15 +16,7 @@ from facecore.detect import (MTCNN, OVERLAP, WINDOW, calibrate, cell_owners, cro
 from facecore.models import resolve
 from facecore.settings import Settings
 from facecore.types import Detections
-
-
-def lfw_dev() -> Path:
-    """LFW-dev root: ``<repo>/../shared/data/lfw-dev``, or $FACECLUSTER_LFW_DEV. Missing data fails the run."""
-    default = Path(__file__).resolve().parents[1].parent / "shared/data/lfw-dev"
-    root = Path(os.environ.get("FACECLUSTER_LFW_DEV") or default)
-    if not (root / "images").is_dir():
-        pytest.fail(f"LFW-dev photos not found at {root}; set FACECLUSTER_LFW_DEV")
-    return root
+from badinput import lfw_dev
 
 
 def lfw_sample(n: int, step: int) -> list[Path]:
