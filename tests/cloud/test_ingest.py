@@ -444,9 +444,12 @@ def test_worker_rides_out_sigterm_and_kafka_and_postgres_restarts(reference, dep
     dep.wait("the first batch", lambda: len(batch_lines(worker)) >= 1, WORKER_START_S, [worker])
     time.sleep(0.5)
     assert worker.stop() == 0, worker.log()[-4000:]
-    assert len(batch_lines(worker)) == 2 and "exiting" in worker.log()
+    # how many batches fit in the 0.5 s depends on the machine; what must hold is that the
+    # batch in hand when the signal came was finished whole and committed, and no other began
+    batches = len(batch_lines(worker))
+    assert batches >= 2 and "exiting" in worker.log()
     rows = dep.rows()
-    assert rows == 2 * BATCH and dep.pending() == total - rows
+    assert rows == batches * BATCH and dep.pending() == total - rows
 
     # Kafka, then PostgreSQL, restarted while the worker is in the middle of storing a batch.
     worker = dep.start()
