@@ -33,6 +33,7 @@ validated on write and again on read: a consumer gets a malformed message as a `
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -558,6 +559,20 @@ def retry(fn: Callable[[], T], what: str, stop: threading.Event, *, first_s: flo
         if stop.wait(delay):
             raise Stopped(what)
         delay = min(delay * 2, most_s)
+
+
+def worker_args(prog: str, description: str, group: str, group_help: str, argv: list[str] | None,
+                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Command line and logging shared by every worker process."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--group", default=group, help=group_help)
+    if add_arguments is not None:
+        add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per-connection chatter
+    return args
 
 
 def stop_on_signals() -> threading.Event:

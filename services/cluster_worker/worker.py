@@ -36,7 +36,7 @@ from facecore.cluster import DEFAULT_DISTANCE, KNN, cluster
 from facecore.settings import Settings
 
 from .. import bus as busmod
-from ..bus import Bus, Message, Stopped, consume, dead_letter, retry, stop_on_signals
+from ..bus import Bus, Message, Stopped, consume, dead_letter, retry, stop_on_signals, worker_args
 from ..store import repository as repo
 
 log = logging.getLogger("facecluster.cluster_worker")
@@ -178,15 +178,12 @@ class ClusterWorker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.cluster_worker",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--group", default=GROUP, help="consumer group (workers of one group share the users)")
-    parser.add_argument("--top-k", type=int, default=TOP_K, help="nearest faces of a person that must agree")
-    parser.add_argument("--min-faces", type=int, default=MIN_FACES, help="faces that make a new person")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per-connection chatter
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--top-k", type=int, default=TOP_K, help="nearest faces of a person that must agree")
+        parser.add_argument("--min-faces", type=int, default=MIN_FACES, help="faces that make a new person")
+
+    args = worker_args("python -m services.cluster_worker", __doc__.split("\n\n")[0], GROUP,
+                       "consumer group (workers of one group share the users)", argv, options)
 
     stop = stop_on_signals()
     settings = Settings()

@@ -15,7 +15,6 @@ batch and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import threading
@@ -32,7 +31,7 @@ from facecore.settings import Settings
 from facecore.types import PhotoResult
 
 from .. import bus as busmod
-from ..bus import Bus, Message, Stopped, consume, dead_letter, retry, stop_on_signals
+from ..bus import Bus, Message, Stopped, consume, dead_letter, retry, stop_on_signals, worker_args
 from ..store import repository as repo
 
 log = logging.getLogger("facecluster.ingest")
@@ -217,12 +216,8 @@ def migrate_database(engine: sa.Engine, stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--group", default=GROUP, help="consumer group (workers of one group share the work)")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per-connection chatter
+    args = worker_args("python -m services.ingest", __doc__.split("\n\n")[0], GROUP,
+                       "consumer group (workers of one group share the work)", argv)
 
     stop = stop_on_signals()
     settings = Settings()
