@@ -59,3 +59,28 @@ def test_opencv_backend_gives_the_same_vectors():
     a = Embedder("sface", threads=1, flip_tta=False).embed(crops)
     b = Embedder("sface", threads=1, flip_tta=False, backend="opencv").embed(crops, batch_size=4)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_pooled_feature_is_the_layer_mean_and_leaves_embeddings_alone():
+    crops = np.random.default_rng(2).integers(0, 255, (5, 112, 112, 3), dtype=np.uint8)
+    plain = Embedder("sface", threads=1, flip_tta=True)
+    pooled = Embedder("sface", threads=1, flip_tta=True, pool_layer="conv_14_relu")
+    assert pooled.feature_name == "avgpool:conv_14_relu" and plain.feature_name is None
+    emb, feats = pooled.embed_with_features(crops, batch_size=4)
+    np.testing.assert_allclose(emb, plain.embed(crops), atol=1e-5)
+    assert plain.embed_with_features(crops)[1] is None
+
+    # independent reference: the raw 4-d layer as a graph output, averaged here in numpy
+    path, _ = models.resolve("sface")
+    g = models.make_batch_dynamic(onnx.load(str(path)))
+    g.graph.output.append(helper.make_tensor_value_info("conv_14_relu", TensorProto.FLOAT, None))
+    raw = models.InferenceModel(g).predict(pooled._prepare(crops))[1]
+    assert raw.shape == (5, 1024, 7, 7)
+    np.testing.assert_allclose(feats, raw.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
+
+    # features come from the crop itself, never its mirror, with either engine
+    cv = Embedder("sface", threads=1, flip_tta=False, pool_layer="conv_14_relu", backend="opencv")
+    np.testing.assert_allclose(cv.embed_with_features(crops)[1], feats, rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(ValueError, match="no 4-d tensor"):
+        Embedder("sface", threads=1, pool_layer="no_such_layer")

@@ -1,15 +1,16 @@
-"""Face attributes (gender for now) from a small head on frozen face embeddings.
+"""Face attributes (gender for now) from a small head on frozen embedder features.
 
-Why a head on the embedder's output rather than a model per attribute: one shared,
-frozen backbone already encodes most of what attributes need, so a single multi-task
-head (one logit per attribute) costs almost nothing at indexing time. The head is tied
-to one embedder version; it is useless on any other.
+Why a head on the embedder rather than a model per attribute: one shared, frozen
+backbone already encodes most of what attributes need, so a single multi-task head (one
+logit per attribute) costs almost nothing at indexing time. The head is tied to one
+embedder version; it is useless on any other.
 
 Heads on a good backbone feature are reported to land within a tenth of a point of each
 other, but SFace's 128-d identity embedding is not such a feature: on LFW-dev a linear
-head gets about 76% gender accuracy and a 256-unit MLP about 93%, while a linear head on
-SFace's average-pooled last feature map (``--features backbone``) gets about 98.8%. The
-shipped head is the MLP on the embedding, because that is what the pipeline has.
+head on it gets about 76% gender accuracy and a 256-unit MLP about 93%, while a linear
+head on SFace's average-pooled last feature map (``--features backbone``, the default)
+gets about 98.7%. The embedder hands that pooled map out from the same forward pass, so
+the shipped head is the linear one on it.
 
 Class imbalance (LFW is about three quarters male) is handled by balanced BCE: the
 training logit gets the log prior ratio log(pi) - log(1 - pi) added, so the raw logit
@@ -61,6 +62,7 @@ class EmbeddedSet:
     embedder_version: str  # what produced ``embeddings``; the head is only valid on the same
     skipped: dict[str, int]
     landmarks: np.ndarray | None = None  # (n, 5, 2) of the central face, full-size pixels
+    input: str = "embedding"  # what ``embeddings`` holds, as heads name their input (facecore.attributes)
 
 
 def read_gender_tsv(path: Path) -> dict[str, str]:
@@ -137,30 +139,26 @@ BACKBONE_LAYER = "conv_14_relu"
 def backbone_dataset(ds: EmbeddedSet, data: Path, cache_dir: Path, batch: int = 64) -> EmbeddedSet:
     """The same faces as ``ds``, described by SFace's average-pooled last feature map (1024-d).
 
-    A probe, not what the pipeline runs: the 128-d identity embedding is trained to keep
-    only what tells people apart, while the feature map before it still carries more of
-    what an attribute needs. Crops are re-made from the cached landmarks exactly as the
-    pipeline makes them (one pass, no mirror). A head trained on these features records a
-    feature version that no embedder reports, so facecore refuses to run it on embeddings.
+    The 128-d identity embedding is trained to keep only what tells people apart, while
+    the feature map before it still carries more of what an attribute needs. Crops are
+    re-made from the cached landmarks exactly as the pipeline makes them, and the
+    features come from the pipeline's own embedder asked for that layer
+    (``Embedder(pool_layer=...)``), which is what facecore runs for a head whose input
+    is this feature.
     """
-    from onnx import helper as oh
-
     from facecore import decode as dec
     from facecore.align import align_faces
-    from facecore.models import InferenceModel, make_batch_dynamic, resolve
+    from facecore.embed import Embedder
     from facecore.settings import Settings
 
-    version = f"{ds.embedder_version}|avgpool:{BACKBONE_LAYER}"
-    cache = cache_dir / f"lfw-dev-central-{version.replace('|', '-').replace(':', '-')}.npz"
+    embedder = Embedder("sface", flip_tta=False, pool_layer=BACKBONE_LAYER)
+    feature = embedder.feature_name
+    cache = cache_dir / f"lfw-dev-central-{embedder.base_version}-{feature.replace(':', '-')}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         if list(z["images"]) == ds.images:
-            return EmbeddedSet(ds.images, ds.people, z["features"], ds.targets, version, ds.skipped, ds.landmarks)
-    path, _ = resolve("sface")
-    graph = make_batch_dynamic(onnx.load(str(path)))
-    graph.graph.node.append(oh.make_node("GlobalAveragePool", [BACKBONE_LAYER], ["pooled"]))
-    graph.graph.output.append(oh.make_tensor_value_info("pooled", TensorProto.FLOAT, None))
-    model = InferenceModel(graph)
+            return EmbeddedSet(ds.images, ds.people, z["features"], ds.targets, embedder.base_version, ds.skipped,
+                               ds.landmarks, feature)
     s = Settings()
     feats = []
     for i in range(0, len(ds.images), batch):
@@ -168,13 +166,13 @@ def backbone_dataset(ds: EmbeddedSet, data: Path, cache_dir: Path, batch: int = 
         for name, lm in zip(ds.images[i : i + batch], ds.landmarks[i : i + batch]):
             d = dec.load(data / "images" / name, max_bytes=s.max_bytes, max_pixels=s.max_pixels)
             crops.append(align_faces(d.rgb, lm[None] / d.scale)[0])
-        x = np.stack(crops).astype(np.float32).transpose(0, 3, 1, 2)  # SFace scales pixels inside
-        feats.append(model.session.run(["pooled"], {model.input_names[0]: np.ascontiguousarray(x)})[0][:, :, 0, 0])
+        feats.append(embedder.embed_with_features(np.stack(crops), batch)[1])
         if i % (20 * batch) == 0:
             log.info("backbone features %d / %d", i + len(crops), len(ds.images))
     features = np.concatenate(feats).astype(np.float32)
     np.savez(cache, images=np.array(ds.images), features=features)
-    return EmbeddedSet(ds.images, ds.people, features, ds.targets, version, ds.skipped, ds.landmarks)
+    return EmbeddedSet(ds.images, ds.people, features, ds.targets, embedder.base_version, ds.skipped, ds.landmarks,
+                       feature)
 
 
 def person_folds(people: np.ndarray, y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -237,7 +235,7 @@ class AttributeMLP(nn.Module):
 
 @dataclass
 class HeadConfig:
-    hidden: int = 256  # 0 = linear; on SFace embeddings a linear head is far behind (see the card)
+    hidden: int = 0  # 0 = linear; on the 128-d embeddings a linear head is far behind, use 256 there
     l2: float = 1e-5  # penalty on the weights (not biases), per sample
     max_iter: int = 500
     seed: int = 0
@@ -344,7 +342,8 @@ def export(model: AttributeMLP, ds: EmbeddedSet, cfg: HeadConfig, cv: dict, k: i
     """Write ``<ARTIFACT>.onnx`` and its model card ``<ARTIFACT>.json`` to ``out``; returns the onnx path."""
     out.mkdir(parents=True, exist_ok=True)
     attrs = list(ATTRIBUTES)
-    meta = {"head_version": version, "embedder_version": ds.embedder_version, "attributes": json.dumps(ATTRIBUTES)}
+    meta = {"head_version": version, "embedder_version": ds.embedder_version, "input": ds.input,
+            "attributes": json.dumps(ATTRIBUTES)}
     onnx_path = out / f"{ARTIFACT}.onnx"
     onnx_path.write_bytes(to_onnx(model, meta).SerializeToString())
     y = ds.targets[:, 0]
@@ -354,8 +353,9 @@ def export(model: AttributeMLP, ds: EmbeddedSet, cfg: HeadConfig, cv: dict, k: i
         "file": onnx_path.name,
         "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
         "embedder_version": ds.embedder_version,
-        "input": {"name": ONNX_INPUT, "shape": ["N", int(ds.embeddings.shape[1])],
-                  "note": "vectors made by embedder_version above, nothing else"},
+        "input": {"name": ONNX_INPUT, "shape": ["N", int(ds.embeddings.shape[1])], "reads": ds.input,
+                  "note": "vectors 'reads' of embedder_version above (facecore.attributes.vector_version), "
+                          "nothing else"},
         "output": {"name": ONNX_OUTPUT, "shape": ["N", len(attrs)], "attributes": attrs,
                    "note": "sigmoid of the balanced logit: P(target 1) under equal class priors; "
                            "target labels per attribute are [label of 0, label of 1]"},
@@ -375,7 +375,7 @@ def export(model: AttributeMLP, ds: EmbeddedSet, cfg: HeadConfig, cv: dict, k: i
 
 
 def fit_and_export(ds: EmbeddedSet, out: Path, cfg: HeadConfig, k: int = 5, data_desc: dict | None = None,
-                   version: str = "gender-head-1") -> dict:
+                   version: str = "gender-head-2") -> dict:
     """Cross-validate by person, train the final head on everyone, export; returns the card."""
     cv = cross_validate(ds, cfg, k)
     model = train_head(ds.embeddings, ds.targets, cfg)
@@ -388,15 +388,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, required=True, help="LFW-dev root (gender.tsv, images/)")
     ap.add_argument("--out", type=Path, required=True, help="where gender_head.onnx and gender_head.json go")
     ap.add_argument("--cache", type=Path, default=Path("out/attributes"), help="embedding cache folder")
-    ap.add_argument("--features", choices=["embedding", "backbone"], default="embedding",
-                    help="embedding: the pipeline's 128-d vectors (what facecore runs); backbone: the "
-                    "1024-d pooled SFace feature map, a probe of what a richer input would give")
+    ap.add_argument("--features", choices=["embedding", "backbone"], default="backbone",
+                    help="backbone: SFace's 1024-d pooled last feature map (default); embedding: the "
+                    "pipeline's 128-d vectors (needs --hidden 256 to be any good)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--hidden", type=int, default=HeadConfig.hidden, help="0 = linear head")
     ap.add_argument("--l2", type=float, default=HeadConfig.l2, help="weight penalty")
     ap.add_argument("--max-iter", type=int, default=HeadConfig.max_iter, help="L-BFGS iterations")
     ap.add_argument("--seed", type=int, default=HeadConfig.seed)
-    ap.add_argument("--version", default="gender-head-1")
+    ap.add_argument("--version", default="gender-head-2")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ds = embed_dataset(args.data, args.cache)

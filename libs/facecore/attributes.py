@@ -1,10 +1,11 @@
-"""Face attributes (gender) from a small ONNX head on the embedder's output.
+"""Face attributes (gender) from a small ONNX head on what the embedder computes anyway.
 
-The head is a few kilobytes trained by ``training.attribute_head`` on frozen embeddings,
-so it adds next to nothing to indexing. It only means something on vectors of the
-embedder version it was trained on; that version is in the head file's metadata (pinned
-with the file by sha256) and any other embedder is refused rather than silently given
-meaningless attributes.
+The head is a few kilobytes trained by ``training.attribute_head`` on frozen vectors, so
+it adds next to nothing to indexing. It reads either the embeddings or one pooled inner
+feature map of the embedder (its metadata says which, as ``input``), and it only means
+something on vectors of the embedder version it was trained on. Both are in the head
+file's metadata, pinned with the file by sha256; any other source is refused rather
+than silently given meaningless attributes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ from .models import InferenceModel, resolve
 log = logging.getLogger(__name__)
 
 DEFAULT_HEAD = "gender-head"
+EMBEDDING = "embedding"  # the input name of heads that read the embeddings themselves
+
+
+def head_input(name_or_path: str | os.PathLike = DEFAULT_HEAD) -> str:
+    """What the head reads: ``"embedding"`` or a feature such as ``"avgpool:conv_14_relu"``."""
+    meta = {p.key: p.value for p in onnx.load(str(resolve(str(name_or_path))[0])).metadata_props}
+    return meta.get("input", EMBEDDING)
+
+
+def vector_version(embedder_version: str, head_input: str) -> str:
+    """The version of a head's input vectors: embeddings carry the embedder's full version
+    (flip TTA changes them); a pooled feature is read from the unmirrored crop, so it
+    depends on the model alone."""
+    return embedder_version if head_input == EMBEDDING else f"{embedder_version}|{head_input}"
 
 
 class IncompatibleEmbedderError(ValueError):
@@ -29,40 +44,46 @@ class IncompatibleEmbedderError(ValueError):
 
 
 class AttributeHead(InferenceModel):
-    """Embeddings in, one dict of attributes per face out."""
+    """Vectors in, one dict of attributes per face out.
 
-    def __init__(self, embedder_version: str, name_or_path: str | os.PathLike = DEFAULT_HEAD, *,
+    ``vectors`` is the version of what will be fed (see ``vector_version``); a head
+    trained on anything else is refused.
+    """
+
+    def __init__(self, vectors: str, name_or_path: str | os.PathLike = DEFAULT_HEAD, *,
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 1):
         path, version = resolve(str(name_or_path))
         model = onnx.load(str(path))
         meta = {p.key: p.value for p in model.metadata_props}
-        self.embedder_version = meta.get("embedder_version")
-        if self.embedder_version != embedder_version:
+        self.embedder_version = meta.get("embedder_version", "")
+        self.input = meta.get("input", EMBEDDING)
+        wanted = vector_version(self.embedder_version, self.input)
+        if wanted != vectors:
             raise IncompatibleEmbedderError(
-                f"attribute head {version} was trained on embeddings of {self.embedder_version!r} "
-                f"and cannot be used with {embedder_version!r}; train one for that embedder")
+                f"attribute head {version} was trained on vectors {wanted!r} "
+                f"and cannot be used with {vectors!r}; train one for that embedder")
         # attribute -> (label when p < 0.5, label when p >= 0.5), in output column order
         self.labels: dict[str, list[str]] = json.loads(meta["attributes"])
         super().__init__(model, providers=providers, threads=threads, version=version)
 
     @classmethod
-    def for_embedder(cls, embedder_version: str, **kw) -> AttributeHead | None:
-        """The default head if it fits this embedder, else None (attributes are optional)."""
+    def for_vectors(cls, vectors: str, **kw) -> AttributeHead | None:
+        """The default head if it reads these vectors, else None (attributes are optional)."""
         try:
-            return cls(embedder_version, **kw)
+            return cls(vectors, **kw)
         except IncompatibleEmbedderError as e:
             log.info("no face attributes: %s", e)
             return None
 
-    def predict_attributes(self, embeddings: np.ndarray) -> list[dict]:
-        """(n, dim) embeddings -> per face e.g. {"gender": "F", "gender_p": 0.97}.
+    def predict_attributes(self, vectors: np.ndarray) -> list[dict]:
+        """(n, dim) input vectors -> per face e.g. {"gender": "F", "gender_p": 0.97}.
 
         ``<name>_p`` is the head's probability of the label it returns (>= 0.5), under
         equal class priors.
         """
-        if len(embeddings) == 0:
+        if len(vectors) == 0:
             return []
-        p = self.predict(np.ascontiguousarray(embeddings, dtype=np.float32))[0]
+        p = self.predict(np.ascontiguousarray(vectors, dtype=np.float32))[0]
         out = []
         for row in p:
             d: dict = {}

@@ -2,6 +2,11 @@
 
 Flip test-time augmentation: the crop and its mirror are embedded in one batch and
 averaged, which removes some pose/illumination asymmetry from the vector.
+
+The embedder can also hand out one inner feature map, average-pooled, from the same
+forward pass: the identity embedding is trained to forget what does not tell people
+apart (gender among it), while the last feature map before it still carries that, so an
+attribute head reads it at no extra inference cost.
 """
 
 from __future__ import annotations
@@ -10,8 +15,11 @@ from typing import Sequence
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, shape_inference
 
 from .models import InferenceModel, make_batch_dynamic, resolve
+
+POOLED = "avgpool:"  # prefix of a feature name: "avgpool:<layer>" = that layer, average-pooled
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -29,18 +37,51 @@ def embedder_version(name_or_path: str, flip_tta: bool) -> str:
     return resolve(name_or_path)[1] + ("+flip" if flip_tta else "")
 
 
+def add_pooled_output(model: onnx.ModelProto, layer: str) -> tuple[onnx.ModelProto, str]:
+    """Expose ``layer`` (N, C, H, W) average-pooled to (N, C) as an extra graph output.
+
+    Returns the model and the new output's name. The channel count is written into the
+    output's shape because OpenCV's importer refuses outputs without one.
+    """
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}
+    if layer not in shapes:
+        raise ValueError(f"the embedder has no 4-d tensor named {layer!r} to pool")
+    channels = shapes[layer][1].dim_value or "C"
+    name = f"avgpool_{layer}"
+    model.graph.node.extend([
+        helper.make_node("GlobalAveragePool", [layer], [name + "_4d"], name=name + "_4d"),
+        helper.make_node("Flatten", [name + "_4d"], [name], name=name),
+    ])
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", channels]))
+    return model, name
+
+
 class Embedder(InferenceModel):
-    """Any ArcFace-style ONNX model: NCHW RGB 112x112 input, one embedding output."""
+    """Any ArcFace-style ONNX model: NCHW RGB 112x112 input, one embedding output.
+
+    ``pool_layer`` names an inner 4-d tensor whose average-pooled value ``embed_with_features``
+    also returns (from the crop itself, never its mirror).
+    """
 
     def __init__(self, name_or_path: str = "sface", *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int = 0, flip_tta: bool = True, backend: str = "onnxruntime"):
-        path, _ = resolve(name_or_path)
+                 threads: int = 0, flip_tta: bool = True, backend: str = "onnxruntime",
+                 pool_layer: str | None = None):
+        path, self.base_version = resolve(name_or_path)
         model = make_batch_dynamic(onnx.load(str(path)))
         self.in_graph_norm = _normalises_inside(model)
         self.dim = int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
+        self.pool_layer = pool_layer
+        if pool_layer:
+            model, _ = add_pooled_output(model, pool_layer)
         super().__init__(model, providers=providers, threads=threads,
                          version=embedder_version(name_or_path, flip_tta), backend=backend)
         self.flip_tta = flip_tta
+
+    @property
+    def feature_name(self) -> str | None:
+        """What ``embed_with_features`` returns besides embeddings, as attribute heads name their input."""
+        return POOLED + self.pool_layer if self.pool_layer else None
 
     def _prepare(self, crops: np.ndarray) -> np.ndarray:
         x = crops.astype(np.float32).transpose(0, 3, 1, 2)
@@ -50,17 +91,25 @@ class Embedder(InferenceModel):
 
     def embed(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """(n, 112, 112, 3) uint8 RGB crops -> (n, dim) L2-normalised float32."""
+        return self.embed_with_features(crops, batch_size)[0]
+
+    def embed_with_features(self, crops: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings as ``embed``, and the pooled ``pool_layer`` features (None without one)."""
         if len(crops) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        out = []
+            return np.zeros((0, self.dim), np.float32), (np.zeros((0, 0), np.float32) if self.pool_layer else None)
+        out, pooled = [], []
         step = max(1, batch_size // 2 if self.flip_tta else batch_size)
         for i in range(0, len(crops), step):
             chunk = crops[i : i + step]
+            n = len(chunk)
             if self.flip_tta:
                 chunk = np.concatenate([chunk, chunk[:, :, ::-1]])
-            feats = l2_normalize(self.predict(self._prepare(chunk))[0].reshape(len(chunk), -1))
+            res = self.predict(self._prepare(chunk))
+            feats = l2_normalize(res[0].reshape(len(chunk), -1))
             if self.flip_tta:
-                half = len(feats) // 2
-                feats = feats[:half] + feats[half:]
+                feats = feats[:n] + feats[n:]
             out.append(l2_normalize(feats))
-        return np.concatenate(out).astype(np.float32)
+            if self.pool_layer:
+                pooled.append(res[1][:n])
+        emb = np.concatenate(out).astype(np.float32)
+        return emb, (np.concatenate(pooled).astype(np.float32) if self.pool_layer else None)

@@ -56,7 +56,7 @@ REGISTRY: dict[str, ModelFile] = {
                   "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4", "yunet-2023mar"),
         # shipped inside facecore: trained by training.attribute_head, card in assets/gender_head.json
         ModelFile("gender-head", "facecore", "assets/gender_head.onnx",
-                  "69042d4a05e4e1faaa0a4ab6c0587b69583d28d98405307f80836d1b129299b8", "gender-head-1"),
+                  "3a59536aff5ae3dd0421eb80d7d049c052ec575d34b9b73f9ca655904095a06c", "gender-head-2"),
     ]
 }
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from . import decode as dec
 from .align import align_faces
-from .attributes import AttributeHead
+from .attributes import EMBEDDING, AttributeHead, head_input, vector_version
 from .detect import MTCNN
-from .embed import Embedder
+from .embed import POOLED, Embedder
 from .models import choose_backend
 from .quality import DEFAULT_BLUR_THRESHOLD, blur_scores
 from .settings import Settings
@@ -54,9 +54,17 @@ class FacePipeline:
         backend = choose_backend(s.embed_backend, s.providers)
         if backend == "opencv":
             cv2.setNumThreads(threads)
+        reads = head_input()  # the attribute head's input decides what the embedder also hands out
+        pool = reads[len(POOLED):] if reads.startswith(POOLED) else None
         self.embedder = embedder or Embedder(s.embedder, providers=s.providers, threads=threads,
-                                             flip_tta=s.flip_tta, backend=backend)
-        self.attributes = AttributeHead.for_embedder(self.embedder.version)  # None: no head for this embedder
+                                             flip_tta=s.flip_tta, backend=backend, pool_layer=pool)
+        self.attributes = None  # no head for this embedder: faces simply get no attributes
+        if reads == EMBEDDING:
+            self.attributes = AttributeHead.for_vectors(self.embedder.version)
+        elif self.embedder.feature_name == reads:
+            self.attributes = AttributeHead.for_vectors(vector_version(self.embedder.base_version, reads))
+        else:
+            log.info("no face attributes: the head reads %s, which this embedder does not give", reads)
         self.blur_threshold = s.blur_threshold or DEFAULT_BLUR_THRESHOLD
         self.timer = StageTimer()
         self._pool = ThreadPoolExecutor(max_workers=threads)
@@ -117,11 +125,12 @@ class FacePipeline:
                     owners.append(face)
         t = self.timer.add("align+blur", t)
         if crops:
-            emb = self.embedder.embed(np.stack(crops), batch_size=self.settings.batch_size * 2)
+            emb, feats = self.embedder.embed_with_features(np.stack(crops), batch_size=self.settings.batch_size * 2)
             for face, e in zip(owners, emb):
                 face.embedding = e
             if self.attributes is not None:
-                for face, a in zip(owners, self.attributes.predict_attributes(emb)):
+                vectors = emb if self.attributes.input == EMBEDDING else feats
+                for face, a in zip(owners, self.attributes.predict_attributes(vectors)):
                     face.attributes.update(a)
         self.timer.add("embed", t)
         return results
