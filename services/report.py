@@ -18,7 +18,7 @@ THUMB = 96
 MAX_FACES_PER_PERSON = 36
 
 
-def _thumb(src: Path, box: tuple[float, float, float, float], dst: Path) -> bool:
+def face_thumbnail(src: Path, box: tuple[float, float, float, float], dst: Path) -> bool:
     try:
         with Image.open(src) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
@@ -58,7 +58,7 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
         cells = []
         for r in faces[:MAX_FACES_PER_PERSON]:
             name = f"{r['face_id']}.jpg"
-            ok = (thumbs / name).exists() or _thumb(root / r["photo"], (r["x1"], r["y1"], r["x2"], r["y2"]),
+            ok = (thumbs / name).exists() or face_thumbnail(root / r["photo"], (r["x1"], r["y1"], r["x2"], r["y2"]),
                                                     thumbs / name)
             title = html.escape(f"{r['photo']} (score {r['score']:.2f}, blur {r['blur']:.1f})")
             cells.append(f'<img src="faces/{name}" title="{title}" alt="">' if ok else "")
