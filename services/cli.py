@@ -90,7 +90,8 @@ def cmd_cluster(args, settings: Settings | None = None):
 
     settings = settings or _settings(args)
     sessions = _sessions(settings)
-    s = cluster_user(sessions, settings.default_user, embedder_version(settings.embedder, settings.flip_tta),
+    version = embedder_version(settings.embedder, settings.flip_tta, settings.embedding_head)
+    s = cluster_user(sessions, settings.default_user, version,
                      max_distance=settings.cluster_threshold, min_size=settings.min_cluster_size)
     print(f"clustered {s.faces} faces into {s.clusters} clusters ({s.persons} persons); "
           f"{s.unassigned} faces unassigned; {s.seconds:.1f}s")

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,12 +100,16 @@ class IngestWorker:
 
     def _find_indexed(self, jobs: list[_Job]) -> None:
         """Jobs whose photo is already stored only need announcing again (a redelivery)."""
+        by_user: dict[int, list[_Job]] = defaultdict(list)
+        for job in jobs:
+            by_user[job.user_id].append(job)
         with self.sessions() as session:
-            for job in jobs:
-                photo = repo.find_photo(session, job.user_id, job.value["sha256"])
-                if photo is not None and photo.status == "indexed":
-                    job.photo_id, job.status = photo.id, "indexed"
-                    job.face_ids = repo.photo_face_ids(session, job.user_id, photo.id)
+            for user_id, of_user in by_user.items():
+                known = repo.indexed_photo_ids(session, user_id, {job.value["sha256"] for job in of_user})
+                for job in of_user:
+                    if job.value["sha256"] in known:
+                        job.photo_id, job.status = known[job.value["sha256"]], "indexed"
+                        job.face_ids = repo.photo_face_ids(session, user_id, job.photo_id)
 
     def _read(self, value: dict) -> bytes | str:
         """The photo's bytes, or why they cannot be had (a permanent failure for this photo)."""
@@ -135,13 +140,11 @@ class IngestWorker:
 
     def _save(self, job: _Job) -> None:
         with self.sessions() as session:
-            photo = repo.save_photo_result(session, job.user_id, job.value["uri"], job.result)
-            face_ids = repo.photo_face_ids(session, job.user_id, photo.id) if photo.status == "indexed" else []
-            status, error, photo_id = photo.status, photo.error, photo.id
+            saved = repo.save_photo_result(session, job.user_id, job.value["uri"], job.result)
             session.commit()  # one transaction per photo
-        job.photo_id, job.status, job.face_ids = photo_id, status, face_ids
-        if status == "failed":
-            job.result.error = error
+        job.photo_id, job.status, job.face_ids = saved.id, saved.status, saved.face_ids
+        if saved.status == "failed":
+            job.result.error = saved.error
 
     # -------------------------------------------------------------------------- batch
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
+from dataclasses import dataclass
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import TypeVar
 
@@ -77,6 +78,13 @@ def find_photo(session: Session, user_id: int, sha256: str) -> Photo | None:
     return session.scalar(sa.select(Photo).where(Photo.user_id == user_id, Photo.sha256 == sha256))
 
 
+def indexed_photo_ids(session: Session, user_id: int, sha256s: Collection[str]) -> dict[str, int]:
+    """sha256 -> photo id for those of ``sha256s`` this user already has indexed, in one query."""
+    rows = session.execute(sa.select(Photo.sha256, Photo.id).where(
+        Photo.user_id == user_id, Photo.sha256.in_(list(sha256s)), Photo.status == "indexed"))
+    return {sha: pid for sha, pid in rows}
+
+
 def _finite_or_none(value: float | None) -> float | None:
     # SQLite stores NaN as NULL while PostgreSQL keeps it; say "unknown" the same way on both.
     if value is None or not math.isfinite(value):
@@ -84,11 +92,11 @@ def _finite_or_none(value: float | None) -> float | None:
     return float(value)
 
 
-def _face_row(photo: Photo, face: FaceRecord) -> dict:
+def _face_row(photo_id: int, user_id: int, face: FaceRecord) -> dict:
     x1, y1, x2, y2 = np.asarray(face.box, dtype=np.float64).reshape(4).tolist()
     row = dict(
-        photo_id=photo.id,
-        user_id=photo.user_id,
+        photo_id=photo_id,
+        user_id=user_id,
         face_index=int(face.index),
         x1=x1, y1=y1, x2=x2, y2=y2,
         landmarks=np.asarray(face.landmarks, dtype=np.float64).reshape(10).tolist(),
@@ -109,7 +117,35 @@ def _face_row(photo: Photo, face: FaceRecord) -> dict:
     return row
 
 
-def save_photo_result(session: Session, user_id: int, uri: str, result: PhotoResult) -> Photo:
+@dataclass(frozen=True)
+class SavedPhoto:
+    """What a stored photo became: its row's id, uri, key and status, and its face ids in face order."""
+
+    id: int
+    uri: str
+    sha256: str
+    status: str
+    error: str | None
+    face_ids: list[int]
+
+
+def _insert_ignoring_conflicts(session: Session, entity):
+    """INSERT ... ON CONFLICT DO NOTHING for the dialects the project runs on.
+
+    Unlike an INSERT in a savepoint that may fail, it costs one statement, and on
+    PostgreSQL it waits for a concurrent writer of the same key and then yields to it.
+    """
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"no conflict-ignoring insert for {name}")
+    return insert(entity).on_conflict_do_nothing()
+
+
+def save_photo_result(session: Session, user_id: int, uri: str, result: PhotoResult) -> SavedPhoto:
     """Store what the pipeline made of one photo; safe to call again for the same bytes.
 
     A photo already indexed for this user (same sha256) is left alone and returned, whatever its
@@ -117,33 +153,34 @@ def save_photo_result(session: Session, user_id: int, uri: str, result: PhotoRes
     faces (and their person links) are replaced. A failed result without a sha256 (unreadable
     file) is keyed by :func:`missing_photo_sha256` of the uri; that row goes away once the file
     at the uri is indexed.
+
+    A new photo, the common case, costs three statements: the row, the clean-up of an earlier
+    failure of its uri, and its faces (ids returned, in face order).
     """
     sha256 = result.sha256 or missing_photo_sha256(uri)
-    photo = find_photo(session, user_id, sha256)
-    if photo is None:
-        photo = _insert_once(
-            session,
-            Photo(user_id=user_id, uri=uri, sha256=sha256, status="pending"),
-            lambda: find_photo(session, user_id, sha256),
-        )
-    if photo.status == "indexed":
-        return photo
-
-    session.execute(sa.delete(Face).where(Face.photo_id == photo.id))
-    photo.uri = uri
-    photo.width = result.width or None
-    photo.height = result.height or None
+    status, error = ("indexed", None) if result.ok else ("failed", result.error)
+    values = dict(uri=uri, status=status, error=error, width=result.width or None, height=result.height or None,
+                  indexed_at=sa.func.now() if result.ok else None)
+    photo_id = session.scalar(
+        _insert_ignoring_conflicts(session, Photo).values(user_id=user_id, sha256=sha256, **values)
+        .returning(Photo.id))
+    if photo_id is None:  # the key is taken: by this photo indexed before, or by an earlier failure
+        photo = find_photo(session, user_id, sha256)
+        if photo.status == "indexed":
+            return SavedPhoto(photo.id, photo.uri, sha256, "indexed", None,
+                              photo_face_ids(session, user_id, photo.id))
+        session.execute(sa.delete(Face).where(Face.photo_id == photo.id))
+        session.execute(sa.update(Photo).where(Photo.id == photo.id).values(**values))
+        photo_id = photo.id
+    face_ids: list[int] = []
     if result.ok:
-        photo.status, photo.error, photo.indexed_at = "indexed", None, sa.func.now()
         session.execute(sa.delete(Photo).where(
             Photo.user_id == user_id, Photo.sha256 == missing_photo_sha256(uri), Photo.status == "failed",
-            Photo.id != photo.id))
+            Photo.id != photo_id))
         if result.faces:
-            session.execute(sa.insert(Face), [_face_row(photo, face) for face in result.faces])
-    else:
-        photo.status, photo.error, photo.indexed_at = "failed", result.error, None
-    session.flush()
-    return photo
+            rows = [_face_row(photo_id, user_id, face) for face in result.faces]
+            face_ids = list(session.scalars(sa.insert(Face).returning(Face.id, sort_by_parameter_order=True), rows))
+    return SavedPhoto(photo_id, uri, sha256, status, error, face_ids)
 
 
 def delete_photo(session: Session, user_id: int, photo_id: int) -> None:

@@ -104,6 +104,7 @@ def test_saved_faces_read_back_exactly(session, user):
     assert (stored.width, stored.height) == (640, 480) and stored.indexed_at is not None
     rows = faces_of(session, stored.id)
     assert [r.face_index for r in rows] == [0, 1]
+    assert saved.face_ids == [r.id for r in rows] == repo.photo_face_ids(session, user.id, saved.id)
     for row, record in zip(rows, records):
         assert [row.x1, row.y1, row.x2, row.y2] == record.box.tolist()
         assert row.landmarks == record.landmarks.reshape(-1).tolist()
@@ -138,7 +139,9 @@ def test_unreadable_file_is_stored_as_failed_keyed_by_uri(session, user):
     session.commit()
     assert again.id == first.id and count(session, Photo) == 1
     assert first.sha256 == repo.missing_photo_sha256("x.jpg")
-    assert (first.status, first.error, first.indexed_at) == ("failed", "cannot decode: truncated JPEG", None)
+    assert (first.status, first.error, first.face_ids) == ("failed", "cannot decode: truncated JPEG", [])
+    stored = session.get(Photo, first.id)
+    assert (stored.status, stored.error, stored.indexed_at) == ("failed", "cannot decode: truncated JPEG", None)
 
 
 def test_unreadable_file_row_goes_once_the_file_is_indexed(session, user):
@@ -174,7 +177,7 @@ def test_pending_photo_gets_its_faces_replaced(session, user):
     pending = Photo(user_id=user.id, uri="a.jpg", sha256=sha("a"), status="pending")
     session.add(pending)
     session.flush()
-    session.execute(sa.insert(Face), [repo._face_row(pending, face(0)), repo._face_row(pending, face(7))])
+    session.execute(sa.insert(Face), [repo._face_row(pending.id, user.id, face(0)), repo._face_row(pending.id, user.id, face(7))])
     session.commit()
     repo.save_photo_result(session, user.id, "a.jpg", photo("a", face(0), face(1), face(2)))
     session.commit()
