@@ -16,7 +16,7 @@ flags both, and that case is counted, not hidden.
 
 Thresholds are chosen with ``--sweep`` on one seed and reported on another.
 
-    python benchmarks/clean_lfw.py --work out/clean --seed 2
+    python benchmarks/clean_lfw.py --work out/clean --seeds 2 3 4 5 6
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def sweep(tree: Path, out: Path, truth: dict) -> list[dict]:
     photos = scan(tree)
     embed_tree(tree, photos, out / "faces-cache.npz", Settings(blur_threshold=1e-9))
     rows = []
-    for member, other, dist in itertools.product((0.2, 0.25, 0.3, 0.35), (0.3, 0.35, 0.4, 0.45, 0.5),
-                                                 (0.55, 0.6, 0.65, 0.7)):
+    for member, other, dist in itertools.product((0.25, 0.3, 0.35, 0.4, 0.45), (0.4, 0.5, 0.55, 0.6, 0.65),
+                                                 (0.55, 0.6, 0.65)):
         cfg = CleanConfig(member_similarity=member, other_similarity=other, cluster_distance=dist)
         s = score(analyse(photos, cfg), truth)
         rows.append({"member": member, "other": other, "distance": dist, **{
@@ -115,31 +115,44 @@ def sweep(tree: Path, out: Path, truth: dict) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data/lfw-dev"))
-    ap.add_argument("--work", type=Path, default=Path("out/clean"), help="corrupted tree, embeddings cache, reports")
-    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("out/clean"), help="corrupted trees, embeddings cache, reports")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4, 5, 6],
+                    help="one corrupted tree per seed (seed 1 is the one thresholds were chosen on)")
     ap.add_argument("--moved", type=float, default=0.10)
     ap.add_argument("--duplicated", type=float, default=0.05)
     ap.add_argument("--target", choices=["photo", "identity"], default="photo",
                     help="how the wrong folder of a moved photo is drawn")
-    ap.add_argument("--sweep", action="store_true", help="grid over the thresholds instead of one run")
+    ap.add_argument("--sweep", action="store_true", help="grid over the thresholds instead of one run per seed")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    tree = args.work / f"tree-{args.seed}-{args.target}"
-    truth = corrupt(args.data, tree, args.seed, args.moved, args.duplicated, args.target)
-    out = args.work / f"clean-{args.seed}-{args.target}"
-    if args.sweep:
-        rows = sweep(tree, args.work, truth)
-        ok = [r for r in rows if r["clean_flagged_share"] <= 0.02]
-        ok.sort(key=lambda r: -min(r["moved_found_share"], r["copies_found_share"]))
-        for r in ok[:10]:
-            print(json.dumps(r))
-        (args.work / f"sweep-{args.seed}-{args.target}.json").write_text(json.dumps(rows, indent=1))
-        return
-    result = clean(tree, out, cache=args.work / "faces-cache.npz")  # one cache for every seed
-    s = {**score(result, truth), "seconds": round(result.seconds, 1), "seed": args.seed, "target": args.target,
-         "config": CleanConfig().__dict__}
-    (out / "score.json").write_text(json.dumps(s, indent=2))
-    print(json.dumps(s, indent=2))
+    cache = args.work / "faces-cache.npz"  # one cache for every seed: moved photos keep their bytes
+    runs = []
+    for seed in args.seeds:
+        tree = args.work / f"tree-{seed}-{args.target}"
+        truth = corrupt(args.data, tree, seed, args.moved, args.duplicated, args.target)
+        if args.sweep:
+            rows = sweep(tree, args.work, truth)
+            ok = sorted((r for r in rows if r["clean_flagged_share"] <= 0.02),
+                        key=lambda r: -min(r["moved_found_share"], r["copies_found_share"]))
+            for r in ok[:10]:
+                print(json.dumps(r))
+            (args.work / f"sweep-{seed}-{args.target}.json").write_text(json.dumps(rows, indent=1))
+            continue
+        out = args.work / f"clean-{seed}-{args.target}"
+        result = clean(tree, out, cache=cache)
+        s = {**score(result, truth), "seconds": round(result.seconds, 1), "seed": seed, "target": args.target,
+             "config": CleanConfig().__dict__}
+        (out / "score.json").write_text(json.dumps(s, indent=2))
+        runs.append(s)
+    if runs:
+        print("| seed | moved found | copies found | clean flagged | clean flagged by reason |")
+        print("|---|---|---|---|---|")
+        for s in runs:
+            print(f"| {s['seed']} | {s['moved_found_share']:.2%} | {s['copies_found_share']:.2%} | "
+                  f"{s['clean_flagged_share']:.2%} | {s['clean_flagged_by_flag']} |")
+        mean = {k: float(np.mean([s[k] for s in runs])) for k in
+                ("moved_found_share", "copies_found_share", "clean_flagged_share")}
+        print(json.dumps({"mean": mean, "runs": len(runs), "target": args.target}))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ def face(person: str, jitter: float = 0.15) -> np.ndarray:
     return unit(PEOPLE[person] + jitter * RNG.normal(size=8))
 
 
-def photo(rel: str, *faces: np.ndarray, pixels: int = 250 * 250, dhash: int | None = None, sha: str | None = None):
+def photo(rel: str, *faces: np.ndarray, side: int = 250, dhash: int | None = None, sha: str | None = None):
     n = len(faces)
-    return cl.Photo(rel=rel, identity=rel.split("/")[0], sha256=sha or rel, size=pixels, pixels=pixels,
+    return cl.Photo(rel=rel, identity=rel.split("/")[0], sha256=sha or rel, size=side * side, width=side, height=side,
                     dhash=hash(rel) & (2**64 - 1) if dhash is None else dhash,
                     boxes=np.tile(np.array([[10, 10, 60, 60]], np.float32), (n, 1)),
                     embeddings=np.stack(faces).astype(np.float32) if n else np.zeros((0, 8), np.float32))
@@ -80,8 +80,8 @@ def test_a_photo_is_judged_against_the_others_not_itself():
 
 def test_duplicates_keep_the_largest_copy_and_need_a_similar_photo_too():
     a, b = face("ann", 0.01), face("ann", 0.01)
-    photos = [photo("ann/orig", a, pixels=250 * 250, dhash=0b1011), photo("ann/copy", b, pixels=180 * 180, dhash=0b1001),
-              photo("ann/orig-again", a, pixels=250 * 250, dhash=0b1011, sha="ann/orig"),
+    photos = [photo("ann/orig", a, dhash=0b1011), photo("ann/copy", b, side=180, dhash=0b1001),
+              photo("ann/orig-again", a, dhash=0b1011, sha="ann/orig"),
               # the same face, but another shot: the whole photos differ in most hash bits
               photo("ann/other-shot", face("ann", 0.01), dhash=(2**64 - 1) ^ 0b1011), photo("ann/3", face("ann"))]
     r = cl.analyse(photos, cl.CleanConfig())

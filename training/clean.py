@@ -65,11 +65,15 @@ REASONS = {
 class CleanConfig:
     """Thresholds on SFace cosine similarity; defaults from LFW-dev (benchmarks/clean_lfw.py)."""
 
-    member_similarity: float = 0.30  # best face vs the centroid of the folder's other consensus photos
-    other_similarity: float = 0.40  # a face this close to another identity is claimed by it
+    member_similarity: float = 0.35  # best face vs the centroid of the folder's other consensus photos
+    # A face this close to another identity is claimed by it. High, because it is the best
+    # of thousands of comparisons: at 0.4 some stranger claims a quarter of lone photos.
+    other_similarity: float = 0.60
     cluster_distance: float = 0.60  # average-linkage cut inside a folder (cosine distance)
     dup_similarity: float = 0.90
-    dup_hamming: int = 10  # of the 64 bits of the difference hash
+    # of the 64 bits of the difference hash: resized or re-encoded copies differ in at most
+    # 4, other frames of the same scene (a burst, a press event) in 5 and more
+    dup_hamming: int = 6
 
 
 @dataclass
@@ -78,7 +82,8 @@ class Photo:
     identity: str
     sha256: str = ""
     size: int = 0  # bytes
-    pixels: int = 0
+    width: int = 0
+    height: int = 0
     dhash: int = 0
     error: str | None = None
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
@@ -118,11 +123,12 @@ def embed_tree(root: Path, photos: list[Photo], cache: Path, settings: Settings)
     """Fill in faces and hashes of ``photos``, reusing ``cache`` (an npz keyed by sha256)."""
     known: dict[str, dict] = {}
     if cache.exists():
-        z = np.load(cache, allow_pickle=False)
+        with np.load(cache, allow_pickle=False) as f:
+            z = {k: f[k] for k in f.files}  # an NpzFile re-reads an array on every access
         start = np.concatenate([[0], np.cumsum(z["n_faces"])])
         for i, sha in enumerate(z["sha256"]):
             a, b = start[i], start[i + 1]
-            known[str(sha)] = {"pixels": int(z["pixels"][i]), "dhash": int(z["dhash"][i]),
+            known[str(sha)] = {"width": int(z["width"][i]), "height": int(z["height"][i]), "dhash": int(z["dhash"][i]),
                                "error": str(z["error"][i]) or None, "boxes": z["boxes"][a:b],
                                "embeddings": z["embeddings"][a:b]}
     for p in photos:
@@ -136,7 +142,7 @@ def embed_tree(root: Path, photos: list[Photo], cache: Path, settings: Settings)
             with tqdm(total=len(todo), unit="photo", desc="embed") as bar:
                 for chunk in batched(todo, settings.batch_size):
                     for p, r in zip(chunk, pipe.process([(p.rel, root / p.rel) for p in chunk])):
-                        entry = {"pixels": r.width * r.height, "dhash": 0, "error": r.error,
+                        entry = {"width": r.width, "height": r.height, "dhash": 0, "error": r.error,
                                  "boxes": np.zeros((0, 4), np.float32), "embeddings": np.zeros((0, 128), np.float32)}
                         faces = [f for f in r.faces if f.embedding is not None]
                         if r.ok:
@@ -151,15 +157,16 @@ def embed_tree(root: Path, photos: list[Photo], cache: Path, settings: Settings)
         _save_cache(cache, known)
     for p in photos:
         e = known[p.sha256]
-        p.pixels, p.dhash, p.error, p.boxes, p.embeddings = e["pixels"], e["dhash"], e["error"], e["boxes"], \
-            e["embeddings"]
+        p.width, p.height, p.dhash, p.error = e["width"], e["height"], e["dhash"], e["error"]
+        p.boxes, p.embeddings = e["boxes"], e["embeddings"]
 
 
 def _save_cache(cache: Path, known: dict[str, dict]) -> None:
     shas = sorted(known)
     dim = max((known[s]["embeddings"].shape[1] for s in shas if len(known[s]["embeddings"])), default=128)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, sha256=np.array(shas), pixels=np.array([known[s]["pixels"] for s in shas], np.int64),
+    np.savez(cache, sha256=np.array(shas), width=np.array([known[s]["width"] for s in shas], np.int64),
+             height=np.array([known[s]["height"] for s in shas], np.int64),
              dhash=np.array([known[s]["dhash"] for s in shas], np.uint64),
              error=np.array([known[s]["error"] or "" for s in shas]),
              n_faces=np.array([len(known[s]["boxes"]) for s in shas], np.int64),
@@ -217,7 +224,7 @@ def find_duplicates(photos: list[Photo], cfg: CleanConfig) -> dict[int, tuple[in
         groups[find(i)].append(i)
     out = {}
     for members in groups.values():
-        keep = min(members, key=lambda k: (-photos[k].pixels, -photos[k].size, photos[k].rel))
+        keep = min(members, key=lambda k: (-photos[k].width * photos[k].height, -photos[k].size, photos[k].rel))
         for k in members:
             if k != keep:
                 out[k] = (keep, best.get(tuple(sorted((k, keep))), float("nan")))
@@ -260,6 +267,16 @@ def folder_consensus(photos: list[Photo], idx: list[int], cfg: CleanConfig) -> C
     return Consensus(members, np.sum([photos[i].embeddings[k] for i, k in members.items()], axis=0))
 
 
+def subject(p: Photo) -> int:
+    """Index of the face the photo is most likely about, when nothing else says who it is:
+    of the faces at least half as large as the largest, the one nearest the centre."""
+    b = p.boxes
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    centre = np.stack([(b[:, 0] + b[:, 2]) / 2 - p.width / 2, (b[:, 1] + b[:, 3]) / 2 - p.height / 2], axis=1)
+    off = np.where(area >= area.max() / 2, (centre**2).sum(1), np.inf)
+    return int(np.argmin(off))
+
+
 def _references(photos: list[Photo], folders: dict[str, list[int]], consensus: dict[str, Consensus]):
     """One vector per identity that can claim photos: its consensus centroid, or for a
     folder of a single photo that photo's largest face."""
@@ -269,10 +286,9 @@ def _references(photos: list[Photo], folders: dict[str, list[int]], consensus: d
         if c.centroid is not None:
             names.append(name)
             vecs.append(c.centroid)
-        elif len(idx) == 1 and len(photos[idx[0]].embeddings):
-            b = photos[idx[0]].boxes
+        elif len(idx) == 1:
             names.append(name)
-            vecs.append(photos[idx[0]].embeddings[int(np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))])
+            vecs.append(photos[idx[0]].embeddings[subject(photos[idx[0]])])
     return names, (np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, 128), np.float32))
 
 
@@ -287,11 +303,13 @@ def check_identities(photos: list[Photo], skip: set[int], cfg: CleanConfig) -> t
     index = faiss.IndexFlatIP(refs.shape[1])
     index.add(refs)
 
-    def claimed(i: int) -> tuple[str, float]:
-        """The best other identity for any face of photo i, with its similarity."""
+    def claimed(i: int, subject_only: bool = False) -> tuple[str, float]:
+        """The best other identity for a face of photo i (any, or just its subject), with its similarity."""
         if not ref_names:
             return "", -1.0
         e = photos[i].embeddings
+        if subject_only:
+            e = e[subject(photos[i])][None]
         sims, ids = index.search(np.ascontiguousarray(e), min(3, len(ref_names)))
         best = ("", -1.0)
         for row_s, row_i in zip(sims, ids):
@@ -307,14 +325,14 @@ def check_identities(photos: list[Photo], skip: set[int], cfg: CleanConfig) -> t
         if c.centroid is None:
             unclaimed = []
             for i in idx:
-                other, s = claimed(i)
+                # no consensus says which face is the identity, so a bystander must not count
+                other, s = claimed(i, subject_only=True)
                 if s >= cfg.other_similarity:
                     flags[i] = Flag(OTHER_IDENTITY, f"matches {other}", other, s)
                 else:
                     unclaimed.append(i)
             if len(unclaimed) == 1:
-                b = photos[unclaimed[0]].boxes
-                face_of[unclaimed[0]] = int(np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))
+                face_of[unclaimed[0]] = subject(photos[unclaimed[0]])
             else:
                 for i in unclaimed:
                     flags[i] = Flag(MIXED, f"{len(idx)} photos, no two of the same person")
@@ -414,7 +432,7 @@ def write_report(root: Path, out: Path, result: CleanResult, summary: dict, per_
         if len(p.boxes):
             b = tuple(float(v) for v in p.boxes[result.face_of.get(i, 0)])
         else:
-            b = (0.0, 0.0, float(np.sqrt(max(p.pixels, 1))), float(np.sqrt(max(p.pixels, 1))))
+            b = (0.0, 0.0, float(p.width), float(p.height))
         ok = (thumbs / name).exists() or face_thumbnail(root / p.rel, b, thumbs / name)
         title = html.escape(f"{p.rel}: {note}")
         return f'<figure><img src="thumbs/{name}" title="{title}" alt="">' \
