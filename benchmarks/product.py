@@ -95,8 +95,8 @@ def main() -> None:
         "ms_per_photo": {**{k: 1000 * v / n for k, v in summary.stage_seconds.items()},
                          "total": 1000 * summary.seconds / n},
         "peak_rss_mb": rss, "threads": args.threads, "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
-        "config": {"min_face_size": settings.min_face_size, "embedder": embedder_version(settings.embedder,
-                                                                                        settings.flip_tta),
+        "config": {"min_face_size": settings.min_face_size,
+                   "embedder": embedder_version(settings.embedder, settings.flip_tta, settings.embedding_head),
                    "batch_size": settings.batch_size},
         "platform": platform.platform(),
     }

@@ -7,16 +7,23 @@ The embedder can also hand out one inner feature map, average-pooled, from the s
 forward pass: the identity embedding is trained to forget what does not tell people
 apart (gender among it), while the last feature map before it still carries that, so an
 attribute head reads it at no extra inference cost.
+
+An embedding head (``training.metric_head``) may follow the model: a small ONNX graph
+trained on these frozen outputs. It is applied to the crop and to its mirror before they
+are averaged, exactly as it saw single crops in training, and its version joins the
+embedding version so vectors of different heads are never compared.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
+from .attributes import EMBEDDING, IncompatibleEmbedderError
 from .models import InferenceModel, make_batch_dynamic, resolve
 
 POOLED = "avgpool:"  # prefix of a feature name: "avgpool:<layer>" = that layer, average-pooled
@@ -32,9 +39,14 @@ def _normalises_inside(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("Sub", "Mul") for n in model.graph.node[:4])
 
 
-def embedder_version(name_or_path: str, flip_tta: bool) -> str:
-    """The version stored with embeddings of this embedder setup, without loading the model."""
-    return resolve(name_or_path)[1] + ("+flip" if flip_tta else "")
+def embedder_version(name_or_path: str, flip_tta: bool, head: str | os.PathLike = "") -> str:
+    """The version stored with embeddings of this embedder setup, without loading the model.
+
+    The base model's version, then the embedding head's (a file's carries its sha256),
+    then flip TTA: each of them changes the vectors.
+    """
+    head_version = f"+{resolve(str(head))[1]}" if head else ""
+    return resolve(name_or_path)[1] + head_version + ("+flip" if flip_tta else "")
 
 
 def add_pooled_output(model: onnx.ModelProto, layer: str) -> tuple[onnx.ModelProto, str]:
@@ -57,25 +69,66 @@ def add_pooled_output(model: onnx.ModelProto, layer: str) -> tuple[onnx.ModelPro
     return model, name
 
 
+class EmbeddingHead(InferenceModel):
+    """A head trained on one base model's outputs of single crops, mapping them to the final embedding.
+
+    Its metadata pins the base model (``embedder_version``) and what it reads (``input``:
+    ``embedding`` and/or one ``avgpool:<layer>``, comma-separated in graph-input order).
+    On another model's vectors it would be meaningless, so such a head is refused.
+    """
+
+    def __init__(self, name_or_path: str | os.PathLike, base_version: str, *,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 1):
+        path, version = resolve(str(name_or_path))
+        model = onnx.load(str(path))
+        meta = {p.key: p.value for p in model.metadata_props}
+        trained_on = meta.get("embedder_version", "")
+        if trained_on != base_version:
+            raise IncompatibleEmbedderError(
+                f"embedding head {path} was trained on {trained_on!r} vectors and cannot follow the "
+                f"{base_version!r} model; train one for that embedder (training.metric_head)")
+        self.inputs = meta.get("input", EMBEDDING).split(",")
+        layers = [i[len(POOLED):] for i in self.inputs if i.startswith(POOLED)]
+        if len(layers) > 1 or any(i != EMBEDDING and not i.startswith(POOLED) for i in self.inputs):
+            raise ValueError(f"embedding head {path} reads {self.inputs}; supported: {EMBEDDING!r} "
+                             f"and at most one {POOLED}<layer>")
+        self.pool_layer = layers[0] if layers else None
+        self.dim = int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
+        super().__init__(model, providers=providers, threads=threads, version=version)
+
+    def apply(self, vectors: dict[str, np.ndarray]) -> np.ndarray:
+        """Inputs by what they are (``self.inputs``) -> (n, dim) L2-normalised embeddings."""
+        feeds = {name: np.ascontiguousarray(vectors[what], dtype=np.float32)
+                 for name, what in zip(self.input_names, self.inputs)}
+        return l2_normalize(self.session.run(self.output_names[:1], feeds)[0])
+
+
 class Embedder(InferenceModel):
     """Any ArcFace-style ONNX model: NCHW RGB 112x112 input, one embedding output.
 
     ``pool_layer`` names an inner 4-d tensor whose average-pooled value ``embed_with_features``
-    also returns (from the crop itself, never its mirror).
+    also returns (from the crop itself, never its mirror). ``head`` (a path or registry name)
+    is an ``EmbeddingHead`` for this model; the pooled layer it reads, if any, is the one
+    handed out, as one forward pass gives one pooled output. ``base_version`` stays the
+    model's own: attribute heads read its features, not the head's.
     """
 
     def __init__(self, name_or_path: str = "sface", *, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int = 0, flip_tta: bool = True, backend: str = "onnxruntime",
-                 pool_layer: str | None = None):
+                 pool_layer: str | None = None, head: str | os.PathLike | None = None):
         path, self.base_version = resolve(name_or_path)
         model = make_batch_dynamic(onnx.load(str(path)))
         self.in_graph_norm = _normalises_inside(model)
-        self.dim = int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
-        self.pool_layer = pool_layer
-        if pool_layer:
-            model, _ = add_pooled_output(model, pool_layer)
+        self.head = EmbeddingHead(head, self.base_version, providers=providers, threads=1) if head else None
+        if self.head and self.head.pool_layer and pool_layer not in (None, self.head.pool_layer):
+            raise ValueError(f"the embedding head reads {POOLED}{self.head.pool_layer}, {POOLED}{pool_layer} was "
+                             "asked for; the embedder hands out one pooled layer")
+        self.dim = self.head.dim if self.head else int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
+        self.pool_layer = pool_layer or (self.head.pool_layer if self.head else None)
+        if self.pool_layer:
+            model, _ = add_pooled_output(model, self.pool_layer)
         super().__init__(model, providers=providers, threads=threads,
-                         version=embedder_version(name_or_path, flip_tta), backend=backend)
+                         version=embedder_version(name_or_path, flip_tta, head or ""), backend=backend)
         self.flip_tta = flip_tta
 
     @property
@@ -106,6 +159,11 @@ class Embedder(InferenceModel):
                 chunk = np.concatenate([chunk, chunk[:, :, ::-1]])
             res = self.predict(self._prepare(chunk))
             feats = l2_normalize(res[0].reshape(len(chunk), -1))
+            if self.head:
+                vectors = {EMBEDDING: feats}
+                if self.pool_layer:
+                    vectors[self.feature_name] = res[1]
+                feats = self.head.apply(vectors)
             if self.flip_tta:
                 feats = feats[:n] + feats[n:]
             out.append(l2_normalize(feats))

@@ -57,7 +57,8 @@ class FacePipeline:
         reads = head_input()  # the attribute head's input decides what the embedder also hands out
         pool = reads[len(POOLED):] if reads.startswith(POOLED) else None
         self.embedder = embedder or Embedder(s.embedder, providers=s.providers, threads=threads,
-                                             flip_tta=s.flip_tta, backend=backend, pool_layer=pool)
+                                             flip_tta=s.flip_tta, backend=backend, pool_layer=pool,
+                                             head=s.embedding_head or None)
         self.attributes = None  # no head for this embedder: faces simply get no attributes
         if reads == EMBEDDING:
             self.attributes = AttributeHead.for_vectors(self.embedder.version)

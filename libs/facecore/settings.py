@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     batch_size: int = 32
     embedder: str = Field("sface", description="registry name, or a path to an ArcFace-style ONNX file")
     flip_tta: bool = False
+    embedding_head: str = Field("", description="embedding head applied after the embedder: path to an .onnx "
+                                "from training.metric_head (or a registry name); empty = none")
 
     # detection
     min_face_size: int = 20
