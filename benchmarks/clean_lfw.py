@@ -71,7 +71,7 @@ def corrupt(data: Path, tree: Path, seed: int, moved: float, duplicated: float, 
             truth["copies"][copy] = rel
     for person in people:  # a folder emptied by the moves stays, as an empty folder
         (tree / person).mkdir(exist_ok=True)
-    (tree.parent / f"truth-{seed}.json").write_text(json.dumps(truth, indent=1))
+    (tree.parent / f"truth-{seed}-{target}.json").write_text(json.dumps(truth, indent=1))
     return truth
 
 
