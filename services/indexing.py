@@ -38,6 +38,7 @@ class IndexSummary:
     failed: int = 0
     faces: int = 0
     blurry_faces: int = 0
+    trash_faces: int = 0  # detections the trash model says are not faces
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -99,6 +100,7 @@ def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_na
                         summary.indexed += 1
                         summary.faces += len(r.faces)
                         summary.blurry_faces += sum(f.blurry for f in r.faces)
+                        summary.trash_faces += sum(f.is_trash for f in r.faces)
                     else:
                         summary.failed += 1
                         summary.failures.append((r.key, r.error or "unknown"))

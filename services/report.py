@@ -41,6 +41,7 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
     with sessions() as session:
         user = repo.get_or_create_user(session, user_name)
         rows = list(repo.export_rows(session, user.id))
+        trash = list(repo.export_rows(session, user.id, trash=True))
         failed = repo.failed_photos(session, user.id)
     by_person: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -48,7 +49,8 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
     persons = sorted((p for p in by_person if p), key=lambda p: -len(by_person[p]))
     parts = [f"<h1>facecluster: {html.escape(user_name)}</h1>"]
     stats = [f"{len(rows)} faces", f"{len(persons)} persons",
-             f"{sum(1 for r in rows if r.get('blurry'))} blurry faces left out"]
+             f"{sum(1 for r in rows if r.get('blurry'))} blurry faces left out",
+             f"{len(trash)} detections rejected as not faces"]
     if index_summary is not None:
         stats.insert(0, f"{index_summary.indexed} photos indexed, {index_summary.skipped_existing} already known, "
                         f"{index_summary.failed} failed in {index_summary.seconds:.1f}s")
@@ -58,8 +60,8 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
         cells = []
         for r in faces[:MAX_FACES_PER_PERSON]:
             name = f"{r['face_id']}.jpg"
-            ok = (thumbs / name).exists() or face_thumbnail(root / r["photo"], (r["x1"], r["y1"], r["x2"], r["y2"]),
-                                                    thumbs / name)
+            box = (r["x1"], r["y1"], r["x2"], r["y2"])
+            ok = (thumbs / name).exists() or face_thumbnail(root / r["photo"], box, thumbs / name)
             title = html.escape(f"{r['photo']} (score {r['score']:.2f}, blur {r['blur']:.1f})")
             cells.append(f'<img src="faces/{name}" title="{title}" alt="">' if ok else "")
         more = f"<span class=more>+{len(faces) - MAX_FACES_PER_PERSON} more</span>" if len(
@@ -80,6 +82,9 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
     if by_person.get(""):
         parts.append(f"<section><h2>Not in any album <small>{len(by_person[''])} faces (blurry or unassigned)"
                      f"</small></h2><div class=faces>{face_imgs(by_person[''])}</div></section>")
+    if trash:
+        parts.append(f"<section><h2>Not faces <small>{len(trash)} detections the trash model rejected "
+                     f"(kept out of albums and export)</small></h2><div class=faces>{face_imgs(trash)}</div></section>")
     if failed:
         items = "".join(f"<li><code>{html.escape(u)}</code>: {html.escape(e or '')}</li>" for u, e in failed)
         parts.append(f"<section><h2>Photos that failed <small>{len(failed)}</small></h2><ul>{items}</ul></section>")

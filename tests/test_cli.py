@@ -101,7 +101,7 @@ def test_second_index_run_adds_nothing(library, capsys):
     n_good = sum(want == "ok" for want in expected.values())
     assert after["photos"] == before["photos"] and after["faces"] == before["faces"]
     assert after["failed"] == before["failed"]
-    assert f"indexed 0 photos (0 faces, 0 blurry), {n_good} already indexed" in stdout
+    assert f"indexed 0 photos (0 faces, 0 blurry, 0 not faces), {n_good} already indexed" in stdout
     assert printed_failures(stdout) == Counter(after["failed"].values())  # failed ones are tried again
 
 

@@ -26,6 +26,7 @@ from .embed import POOLED, Embedder
 from .models import choose_backend
 from .quality import DEFAULT_BLUR_THRESHOLD, blur_scores
 from .settings import Settings
+from .trash import TrashModel
 from .types import FaceRecord, PhotoResult
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class FacePipeline:
         else:
             log.info("no face attributes: the head reads %s, which this embedder does not give", reads)
         self.blur_threshold = s.blur_threshold or DEFAULT_BLUR_THRESHOLD
+        self.trash = TrashModel.for_embedder(self.embedder.version, threshold=s.trash_threshold)
         self.timer = StageTimer()
         self._pool = ThreadPoolExecutor(max_workers=threads)
 
@@ -129,6 +131,9 @@ class FacePipeline:
             emb, feats = self.embedder.embed_with_features(np.stack(crops), batch_size=self.settings.batch_size * 2)
             for face, e in zip(owners, emb):
                 face.embedding = e
+            if self.trash is not None:
+                for face, score, trash in zip(owners, *self.trash.classify(emb)):
+                    face.trash_score, face.is_trash = float(score), bool(trash)
             if self.attributes is not None:
                 vectors = emb if self.attributes.input == EMBEDDING else feats
                 for face, a in zip(owners, self.attributes.predict_attributes(vectors)):

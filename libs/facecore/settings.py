@@ -75,7 +75,10 @@ class Settings(BaseSettings):
         0.0, description="faces with normalised Laplacian variance below this are flagged blurry; "
         "0 = use the calibrated default in facecore.quality"
     )
-    trash_threshold: float = 0.0
+    trash_threshold: float = Field(
+        0.0, description="faces whose embedding has at least this cosine to the trash centroid are flagged "
+        "as non-faces; 0 = the calibrated threshold in the centroid's card (facecore.trash)"
+    )
 
     # clustering
     cluster_threshold: float = Field(0.0, description="cosine distance cut; 0 = calibrated default")

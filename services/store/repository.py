@@ -226,8 +226,9 @@ def user_embeddings(
     return ids, matrix.reshape(len(rows), -1).astype(np.float32)
 
 
-def export_rows(session: Session, user_id: int) -> Iterator[dict]:
-    """One dict per face (trash excluded) for CSV export, ordered by photo and face.
+def export_rows(session: Session, user_id: int, trash: bool = False) -> Iterator[dict]:
+    """One dict per face for CSV export, ordered by photo and face; trash faces (non-faces)
+    only when ``trash`` is set, and then only they.
 
     ``person`` is the person id (stable across re-clustering), None if unassigned. Streams, so
     iterate while the session is open.
@@ -238,7 +239,7 @@ def export_rows(session: Session, user_id: int) -> Iterator[dict]:
         .join(Photo, Photo.id == Face.photo_id)
         .outerjoin(FacePerson, FacePerson.face_id == Face.id)
         .outerjoin(Person, Person.id == FacePerson.person_id)
-        .where(Face.user_id == user_id, Face.trash.is_(False))
+        .where(Face.user_id == user_id, Face.trash.is_(trash))
         .order_by(Photo.uri, Face.face_index)
         .execution_options(yield_per=1000)
     )

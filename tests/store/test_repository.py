@@ -431,6 +431,8 @@ def test_export_rows(session, user):
                        "face_id": rows[0]["face_id"], "blurry": False, "person_name": None}
     repo.rename_person(session, user.id, person, "Ann")
     assert next(r for r in repo.export_rows(session, user.id) if r["person"] == person)["person_name"] == "Ann"
+    # the non-face is only listed when asked for, and then alone (the report's "Not faces")
+    assert [(r["photo"], r["face"]) for r in repo.export_rows(session, user.id, trash=True)] == [("b.jpg", 2)]
 
 
 def test_user_summary(session, user, two_persons):
