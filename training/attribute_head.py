@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from training.onnx_export import finish_model
+
 log = logging.getLogger(__name__)
 
 # attribute -> (label of target 0, label of target 1); the logit is the log-odds of target 1
@@ -330,11 +332,7 @@ def to_onnx(model: AttributeMLP, meta: dict[str, str]) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "attribute_head",
                               [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, ["N", dim])],
                               [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, ["N", n_out])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="facecluster-training")
-    proto.ir_version = 8  # readable by every onnxruntime the project allows
-    onnx.helper.set_model_props(proto, meta)
-    onnx.checker.check_model(proto)
-    return proto
+    return finish_model(graph, meta)
 
 
 def export(model: AttributeMLP, ds: EmbeddedSet, cfg: HeadConfig, cv: dict, k: int, out: Path,

@@ -68,6 +68,7 @@ from facecore.attributes import EMBEDDING
 from facecore.cluster import DEFAULT_DISTANCE, cluster
 from training.attribute_head import backbone_dataset, embed_dataset, person_folds
 from training.losses import ArcFace, CosFace
+from training.onnx_export import finish_model
 
 log = logging.getLogger(__name__)
 
@@ -395,11 +396,7 @@ def to_onnx(model: MetricHead, meta: dict[str, str]) -> onnx.ModelProto:
                               [helper.make_tensor_value_info(emb, TensorProto.FLOAT, ["N", dim]),
                                helper.make_tensor_value_info(feat, TensorProto.FLOAT, ["N", feature_dim])],
                               [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, ["N", dim])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="facecluster-training")
-    proto.ir_version = 8  # readable by every onnxruntime the project allows
-    onnx.helper.set_model_props(proto, meta)
-    onnx.checker.check_model(proto)
-    return proto
+    return finish_model(graph, meta)
 
 
 def export(model: MetricHead, fs: FeatureSet, cfg: MetricConfig, metrics: dict, out: Path, data_desc: dict,
