@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from training.onnx_export import finish_model
+from training.onnx_export import finish_model, write_artifact
 
 log = logging.getLogger(__name__)
 
@@ -338,18 +337,11 @@ def to_onnx(model: AttributeMLP, meta: dict[str, str]) -> onnx.ModelProto:
 def export(model: AttributeMLP, ds: EmbeddedSet, cfg: HeadConfig, cv: dict, k: int, out: Path,
            data_desc: dict, version: str) -> Path:
     """Write ``<ARTIFACT>.onnx`` and its model card ``<ARTIFACT>.json`` to ``out``; returns the onnx path."""
-    out.mkdir(parents=True, exist_ok=True)
     attrs = list(ATTRIBUTES)
     meta = {"head_version": version, "embedder_version": ds.embedder_version, "input": ds.input,
             "attributes": json.dumps(ATTRIBUTES)}
-    onnx_path = out / f"{ARTIFACT}.onnx"
-    onnx_path.write_bytes(to_onnx(model, meta).SerializeToString())
     y = ds.targets[:, 0]
     card = {
-        "name": ARTIFACT,
-        "version": version,
-        "file": onnx_path.name,
-        "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
         "embedder_version": ds.embedder_version,
         "input": {"name": ONNX_INPUT, "shape": ["N", int(ds.embeddings.shape[1])], "reads": ds.input,
                   "note": "vectors 'reads' of embedder_version above (facecore.attributes.vector_version), "
@@ -366,10 +358,8 @@ def export(model: AttributeMLP, ds: EmbeddedSet, cfg: HeadConfig, cv: dict, k: i
         "split": {"method": f"{k}-fold, person-disjoint, stratified by gender (training.attribute_head.person_folds)",
                   "seed": cfg.seed, "final_model": "trained on all people after cross-validation"},
         "metrics": {"gender": cv},
-        "date": dt.date.today().isoformat(),
     }
-    (out / f"{ARTIFACT}.json").write_text(json.dumps(card, indent=2) + "\n")
-    return onnx_path
+    return write_artifact(out, ARTIFACT, to_onnx(model, meta), version, card)
 
 
 def fit_and_export(ds: EmbeddedSet, out: Path, cfg: HeadConfig, k: int = 5, data_desc: dict | None = None,

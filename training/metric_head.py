@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
-import hashlib
 import json
 import logging
 import subprocess
@@ -68,7 +66,7 @@ from facecore.attributes import EMBEDDING
 from facecore.cluster import DEFAULT_DISTANCE, cluster
 from training.attribute_head import backbone_dataset, embed_dataset, person_folds
 from training.losses import ArcFace, CosFace
-from training.onnx_export import finish_model
+from training.onnx_export import finish_model, write_artifact
 
 log = logging.getLogger(__name__)
 
@@ -402,16 +400,9 @@ def to_onnx(model: MetricHead, meta: dict[str, str]) -> onnx.ModelProto:
 def export(model: MetricHead, fs: FeatureSet, cfg: MetricConfig, metrics: dict, out: Path, data_desc: dict,
            version: str) -> Path:
     """Write ``<ARTIFACT>.onnx`` and its model card ``<ARTIFACT>.json`` to ``out``; returns the onnx path."""
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"head_version": version, "embedder_version": fs.embedder_version, "input": fs.reads}
-    onnx_path = out / f"{ARTIFACT}.onnx"
-    onnx_path.write_bytes(to_onnx(model, meta).SerializeToString())
     keep, y = class_labels(fs.people, cfg.min_photos)
     card = {
-        "name": ARTIFACT,
-        "version": version,
-        "file": onnx_path.name,
-        "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
         "embedder_version": fs.embedder_version,
         "input": {"names": list(ONNX_INPUTS), "reads": fs.reads.split(","),
                   "shapes": [["N", int(fs.embeddings.shape[1])], ["N", int(fs.features.shape[1])]],
@@ -431,10 +422,8 @@ def export(model: MetricHead, fs: FeatureSet, cfg: MetricConfig, metrics: dict, 
         "metrics": metrics,
         "versioning": "facecore stores embeddings as '<embedder version>+<head file version>[+flip]'; a head "
                       "given by path is versioned '<file stem>-<first 12 hex of its sha256>'",
-        "date": dt.date.today().isoformat(),
     }
-    (out / f"{ARTIFACT}.json").write_text(json.dumps(card, indent=2) + "\n")
-    return onnx_path
+    return write_artifact(out, ARTIFACT, to_onnx(model, meta), version, card)
 
 
 def fit_and_export(fs: FeatureSet, out: Path, cfg: MetricConfig, data_desc: dict | None = None,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
 import onnx
 from onnx import helper
 
@@ -14,3 +19,15 @@ def finish_model(graph: onnx.GraphProto, meta: dict[str, str]) -> onnx.ModelProt
     helper.set_model_props(proto, meta)
     onnx.checker.check_model(proto)
     return proto
+
+
+def write_artifact(out: Path, name: str, proto: onnx.ModelProto, version: str, card: dict) -> Path:
+    """``out/<name>.onnx`` and its model card ``out/<name>.json`` (name, version, file, sha256,
+    then ``card``, then the date); returns the onnx path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.onnx"
+    path.write_bytes(proto.SerializeToString())
+    full = {"name": name, "version": version, "file": path.name,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), **card, "date": dt.date.today().isoformat()}
+    (out / f"{name}.json").write_text(json.dumps(full, indent=2) + "\n")
+    return path
