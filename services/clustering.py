@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from facecore.cluster import DEFAULT_DISTANCE, cluster
@@ -35,7 +36,9 @@ def cluster_user(sessions: sessionmaker[Session], user_name: str, model_version:
     with sessions() as session:
         user = repo.get_or_create_user(session, user_name)
         face_ids, x = repo.user_embeddings(session, user.id, model_version=model_version)
-        labels = cluster(x, max_distance or DEFAULT_DISTANCE, min_size=min_size)
+        photo_of = repo.face_photo_ids(session, user.id, face_ids)
+        photos = np.array([photo_of[int(f)] for f in face_ids], np.int64)
+        labels = cluster(x, max_distance or DEFAULT_DISTANCE, min_size=min_size, photos=photos)
         assigned = {int(f): int(l) for f, l in zip(face_ids, labels) if l >= 0}
         repo.replace_auto_assignments(session, user.id, assigned)
         session.commit()

@@ -48,3 +48,24 @@ def test_min_size_and_relabel():
 
 def test_empty():
     assert cluster(np.zeros((0, 8), np.float32)).shape == (0,)
+
+
+def test_two_faces_of_one_photo_never_share_a_cluster():
+    x, truth = blobs(n_per=6, k=2, seed=3)
+    photos = np.arange(len(x))
+    photos[1] = photos[0]  # faces 0 and 1: one person, one photo (a mirror, a poster)
+    photos[6] = photos[2]  # faces 2 and 6: different people in one photo, nothing to undo
+    free = cluster(x, 0.55)
+    assert free[0] == free[1]  # unconstrained, the two faces of photo 0 are one person
+    labels = cluster(x, 0.55, photos=photos)
+    assert labels[0] != labels[1]
+    # the face that matches the rest of its person stays with it
+    rest = [i for i in range(6) if i not in (0, 1)]
+    kept = 0 if x[0] @ x[rest].mean(0) >= x[1] @ x[rest].mean(0) else 1
+    assert all(labels[kept] == labels[i] for i in rest)
+    assert sum(labels == labels[1 - kept]) == 1  # the other one is on its own
+    for lab in np.unique(labels):  # no cluster has two faces of one photo
+        assert len(set(photos[labels == lab])) == (labels == lab).sum()
+    # everything else is as without the constraint
+    others = [i for i in range(len(x)) if i not in (0, 1)]
+    assert len(set(zip(labels[others].tolist(), free[others].tolist()))) == len(set(labels[others].tolist()))

@@ -54,8 +54,13 @@ def average_linkage(x: np.ndarray, max_distance: float) -> np.ndarray:
 
 
 def cluster(x: np.ndarray, max_distance: float = DEFAULT_DISTANCE, *, k: int = KNN,
-            loose_similarity: float = LOOSE_SIMILARITY, min_size: int = 1) -> np.ndarray:
-    """(n, d) L2-normalised embeddings -> (n,) labels; -1 for faces in clusters below min_size."""
+            loose_similarity: float = LOOSE_SIMILARITY, min_size: int = 1,
+            photos: np.ndarray | None = None) -> np.ndarray:
+    """(n, d) L2-normalised embeddings -> (n,) labels; -1 for faces in clusters below min_size.
+
+    ``photos`` (n,), the photo of each face, forbids two faces of one photo in one cluster
+    (see ``one_face_per_photo``).
+    """
     n = len(x)
     labels = np.full(n, -1, np.int64)
     if n == 0:
@@ -74,10 +79,34 @@ def cluster(x: np.ndarray, max_distance: float = DEFAULT_DISTANCE, *, k: int = K
         local = average_linkage(x[members], max_distance)
         labels[members] = local + next_label
         next_label += int(local.max()) + 1
+    if photos is not None:
+        labels = one_face_per_photo(x, labels, np.asarray(photos))
     if min_size > 1:
         ids, counts = np.unique(labels, return_counts=True)
         labels[np.isin(labels, ids[counts < min_size])] = -1
     return relabel_by_size(labels)
+
+
+def one_face_per_photo(x: np.ndarray, labels: np.ndarray, photos: np.ndarray) -> np.ndarray:
+    """A person is in a photo once: where a cluster holds several faces of one photo, the
+    face most similar to the cluster's faces from other photos stays and the others
+    become clusters of their own (a twin, a poster, a mirror image: never the same album).
+
+    Without faces from other photos to judge by, the first face stays.
+    """
+    labels = labels.copy()
+    next_label = int(labels.max()) + 1 if len(labels) else 0
+    for c in np.unique(labels[labels >= 0]):
+        members = np.flatnonzero(labels == c)
+        shared, counts = np.unique(photos[members], return_counts=True)
+        for photo in shared[counts > 1]:
+            same = members[photos[members] == photo]
+            others = members[photos[members] != photo]
+            keep = same[int(np.argmax(x[same] @ x[others].mean(0)))] if len(others) else same[0]
+            for face in same[same != keep]:
+                labels[face] = next_label
+                next_label += 1
+    return labels
 
 
 def relabel_by_size(labels: np.ndarray) -> np.ndarray:

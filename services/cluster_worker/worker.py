@@ -91,12 +91,13 @@ class ClusterWorker:
         for name in [n for n, s in self.users.items() if s.partition in partitions]:
             del self.users[name]
 
-    def _assign(self, state: _UserFaces, ids: np.ndarray, x: np.ndarray) -> dict[int, int]:
-        """face id -> person id for the new faces close enough to one person's faces."""
+    def _assign(self, state: _UserFaces, ids: np.ndarray, x: np.ndarray, photo_of: dict[int, int]) -> dict[int, int]:
+        """face id -> person id for the new faces close enough to one person's faces; of two
+        faces of one photo that pick the same person, only the closer one joins it."""
         if state.index is None or state.index.ntotal == 0 or not len(ids):
             return {}
         sims, idx = state.index.search(np.ascontiguousarray(x, dtype=np.float32), min(KNN, state.index.ntotal))
-        links = {}
+        chosen: dict[tuple[int, int], tuple[int, float]] = {}  # (photo, person) -> (face, score)
         for face_id, row_sims, row_idx in zip(ids, sims, idx):
             best: dict[int, list[float]] = {}
             for sim, j in zip(row_sims, row_idx):  # nearest first
@@ -106,15 +107,20 @@ class ClusterWorker:
                         near.append(float(sim))
             person, score = max(((p, float(np.mean(s))) for p, s in best.items()), key=lambda ps: ps[1])
             if score > self.min_similarity:
-                links[int(face_id)] = person
-        return links
+                key = (photo_of.get(int(face_id), -1 - int(face_id)), person)
+                if key not in chosen or score > chosen[key][1]:
+                    chosen[key] = (int(face_id), score)
+        return {face_id: person for (_, person), (face_id, _) in chosen.items()}
 
-    def _new_persons(self, pool: dict[int, np.ndarray]) -> list[list[int]]:
-        """Groups of pooled faces that agree with each other well enough to be a person."""
+    def _new_persons(self, pool: dict[int, np.ndarray], photo_of: dict[int, int]) -> list[list[int]]:
+        """Groups of pooled faces, at most one per photo, that agree with each other well
+        enough to be a person."""
         if len(pool) < self.min_faces:
             return []
         ids = np.fromiter(pool, dtype=np.int64, count=len(pool))
-        labels = cluster(np.stack([pool[int(i)] for i in ids]), self.max_distance, min_size=self.min_faces)
+        photos = np.array([photo_of.get(int(i), -1 - k) for k, i in enumerate(ids)], np.int64)
+        labels = cluster(np.stack([pool[int(i)] for i in ids]), self.max_distance, min_size=self.min_faces,
+                         photos=photos)
         return [sorted(int(i) for i in ids[labels == label]) for label in np.unique(labels[labels >= 0])]
 
     def _update_user(self, name: str, partition: int, face_ids: set[int]) -> tuple[int, int, int]:
@@ -132,12 +138,13 @@ class ClusterWorker:
                     state = _UserFaces.load(session, user.id, partition, version)
                 new = ~np.isin(ids[rows], state.assigned_ids)
                 new_ids, new_x = ids[rows][new], x[rows][new]
-                wanted = self._assign(state, new_ids, new_x)
+                photo_of = repo.face_photo_ids(session, user.id, [*new_ids.tolist(), *state.unassigned])
+                wanted = self._assign(state, new_ids, new_x, photo_of)
                 links = repo.link_faces(session, user.id, wanted)
                 pool = {i: v for i, v in state.unassigned.items() if i not in links}
                 pool.update((int(i), v) for i, v in zip(new_ids, new_x) if int(i) not in links)
                 persons = []
-                for group in self._new_persons(pool):
+                for group in self._new_persons(pool, photo_of):
                     person_id, members = repo.create_person(session, user.id, group)
                     persons.append((person_id, group, members))
                 session.commit()

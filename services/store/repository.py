@@ -452,6 +452,14 @@ def move_face(session: Session, user_id: int, face_id: int, person_id: int) -> N
 # ------------------------------------------------------------------------------ cloud workers
 
 
+def face_photo_ids(session: Session, user_id: int, face_ids: Collection[int]) -> dict[int, int]:
+    """face id -> photo id for those of ``face_ids`` that are the user's (clustering keeps
+    two faces of one photo apart)."""
+    ids = [int(i) for i in face_ids]
+    rows = session.execute(sa.select(Face.id, Face.photo_id).where(Face.user_id == user_id, Face.id.in_(ids)))
+    return {int(f): int(p) for f, p in rows}
+
+
 def photo_face_ids(session: Session, user_id: int, photo_id: int) -> list[int]:
     """Ids of the photo's faces in face order (what the ingest worker announces on the bus)."""
     return list(session.scalars(

@@ -435,6 +435,14 @@ def test_export_rows(session, user):
     assert [(r["photo"], r["face"]) for r in repo.export_rows(session, user.id, trash=True)] == [("b.jpg", 2)]
 
 
+def test_face_photo_ids_only_for_the_owner(session, user):
+    bob = repo.get_or_create_user(session, "bob")
+    a = repo.save_photo_result(session, user.id, "a.jpg", photo("a", face(0), face(1)))
+    b = repo.save_photo_result(session, bob.id, "b.jpg", photo("b", face(0)))
+    session.commit()
+    assert repo.face_photo_ids(session, user.id, [*a.face_ids, *b.face_ids]) == {f: a.id for f in a.face_ids}
+
+
 def test_user_summary(session, user, two_persons):
     repo.save_photo_result(session, user.id, "c.jpg", photo("c", face(0, blurry=True), face(1, trash=True)))
     repo.save_photo_result(session, user.id, "x.jpg", PhotoResult(key="x.jpg", error="unreadable"))
