@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -135,7 +136,12 @@ def test_cleaning_run_on_real_photos(tree, tmp_path):
     assert summary["kept"] == len(kept) and summary[cl.OTHER_IDENTITY] == 1
     page = (tmp_path / "report.html").read_text()
     assert page.count("<figure>") == len(truth) - 1  # a broken file has no thumbnail
-    assert len(list((tmp_path / "thumbs").iterdir())) == len(truth) - 1
+    # next to the moved photo a kept photo of the person it belongs to; next to the copy, the original
+    evidence = re.findall(r'class=evidence src="[^"]+" title="([^"]+)"', page)
+    assert len(evidence) == 2
+    assert evidence[0].startswith("Colin_Powell/") and evidence[0] != "Colin_Powell/copy.jpg"
+    assert evidence[1].startswith("Tony_Blair/")
+    assert len(list((tmp_path / "thumbs").iterdir())) == len(truth) - 1 + len(evidence)
 
     # a second run embeds nothing again and flags the same
     cache_time = (tmp_path / "faces-cache.npz").stat().st_mtime

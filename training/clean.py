@@ -419,14 +419,22 @@ def write_outputs(root: Path, out: Path, result: CleanResult, cfg: CleanConfig) 
 
 
 def write_report(root: Path, out: Path, result: CleanResult, summary: dict, per_kind: int = 200) -> Path:
-    """report.html: the counts, then thumbnails of every flag kind with the evidence in the title."""
+    """report.html: the counts, then every flag kind with thumbnails; a duplicate is shown
+    next to the copy that is kept, a photo claimed by another identity next to a kept
+    photo of that identity, so the reader can judge the evidence at a glance."""
     from services.report import THUMB, face_thumbnail
 
     thumbs = out / "thumbs"
     thumbs.mkdir(exist_ok=True)
     photos = result.photos
 
-    def img(i: int, note: str) -> str:
+    index_of = {p.rel: i for i, p in enumerate(photos)}
+    kept_of: dict[str, int] = {}  # identity -> a kept photo of it
+    for i, p in enumerate(photos):
+        if i not in result.flags:
+            kept_of.setdefault(p.identity, i)
+
+    def thumb(i: int) -> str | None:
         p = photos[i]
         name = f"{hashlib.sha1(p.rel.encode()).hexdigest()[:16]}.jpg"
         if len(p.boxes):
@@ -434,14 +442,26 @@ def write_report(root: Path, out: Path, result: CleanResult, summary: dict, per_
         else:
             b = (0.0, 0.0, float(p.width), float(p.height))
         ok = (thumbs / name).exists() or face_thumbnail(root / p.rel, b, thumbs / name)
-        title = html.escape(f"{p.rel}: {note}")
-        return f'<figure><img src="thumbs/{name}" title="{title}" alt="">' \
-               f"<figcaption>{html.escape(p.rel)}</figcaption></figure>" if ok else ""
+        return f"thumbs/{name}" if ok else None
+
+    def img(i: int, flag: Flag) -> str:
+        src = thumb(i)
+        if src is None:
+            return ""
+        title = html.escape(f"{photos[i].rel}: {flag.detail}")
+        evidence = index_of.get(flag.other) if flag.kind == DUPLICATE else kept_of.get(flag.other)
+        other = thumb(evidence) if evidence is not None else None
+        pair = f'<img class=evidence src="{other}" title="{html.escape(photos[evidence].rel)}" alt="">' \
+            if other else ""
+        return f'<figure><img src="{src}" title="{title}" alt="">{pair}' \
+               f"<figcaption>{html.escape(photos[i].rel)}</figcaption></figure>"
 
     parts = ["<h1>Dataset cleaning report</h1>",
              "<p>" + " · ".join(f"{v} {html.escape(k.replace('_', ' '))}" for k, v in summary.items()
                                 if isinstance(v, int)) + f" · {summary['seconds']} s</p>",
-             "<p>Files: <a href=manifest.csv>manifest.csv</a> (kept photos) · <a href=flags.csv>flags.csv</a></p>"]
+             "<p>Files: <a href=manifest.csv>manifest.csv</a> (kept photos) · <a href=flags.csv>flags.csv</a></p>",
+             "<p class=more>Framed thumbnails are the evidence: the copy that is kept, or a kept photo of the "
+             "identity that claims the face.</p>"]
     by_kind: dict[str, list[int]] = defaultdict(list)
     for i, f in sorted(result.flags.items()):
         by_kind[f.kind].append(i)
@@ -449,7 +469,7 @@ def write_report(root: Path, out: Path, result: CleanResult, summary: dict, per_
         idx = by_kind.get(kind, [])
         if not idx:
             continue
-        cells = "".join(img(i, result.flags[i].detail) for i in idx[:per_kind])
+        cells = "".join(img(i, result.flags[i]) for i in idx[:per_kind])
         more = f"<p class=more>+{len(idx) - per_kind} more in flags.csv</p>" if len(idx) > per_kind else ""
         parts.append(f"<section><h2>{html.escape(kind.replace('_', ' '))} <small>{len(idx)} photos: "
                      f"{html.escape(why)}</small></h2><div class=faces>{cells}</div>{more}</section>")
@@ -457,9 +477,10 @@ def write_report(root: Path, out: Path, result: CleanResult, summary: dict, per_
     page.write_text(
         "<!doctype html><meta charset=utf-8><title>cleaning report</title><style>"
         "body{font-family:sans-serif;margin:2em;background:#fafafa}h2 small{color:#888;font-weight:normal}"
-        "figure{display:inline-block;margin:3px;width:%dpx;vertical-align:top}figure img{width:%dpx;height:%dpx;"
-        "object-fit:cover;border-radius:6px}figcaption{font-size:10px;color:#666;overflow-wrap:anywhere}"
-        ".more{color:#888}</style>%s" % (THUMB, THUMB, THUMB, "\n".join(parts)))
+        "figure{display:inline-block;margin:3px;vertical-align:top;max-width:%dpx}figure img{width:%dpx;"
+        "height:%dpx;object-fit:cover;border-radius:6px}figure img.evidence{opacity:.85;margin-left:2px;"
+        "outline:2px solid #9bc}figcaption{font-size:10px;color:#666;overflow-wrap:anywhere}"
+        ".more{color:#888}</style>%s" % (2 * THUMB + 4, THUMB, THUMB, "\n".join(parts)))
     return page
 
 
