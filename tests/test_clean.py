@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from badinput import lfw_dev
+from facecore.settings import Settings
 from training import clean as cl
 
 
@@ -149,3 +150,8 @@ def test_cleaning_run_on_real_photos(tree, tmp_path):
     assert (tmp_path / "faces-cache.npz").stat().st_mtime == cache_time
     with open(tmp_path / "flags.csv", newline="") as f:
         assert {r["photo"]: r["flag"] for r in csv.DictReader(f)} == truth
+
+    # another embedder setup never reads those vectors: the cache is rebuilt for it
+    assert str(np.load(tmp_path / "faces-cache.npz")["model_version"]) == "sface-2021dec"
+    cl.clean(root, tmp_path, settings=Settings(blur_threshold=1e-9, flip_tta=True, threads=2))
+    assert str(np.load(tmp_path / "faces-cache.npz")["model_version"]) == "sface-2021dec+flip"

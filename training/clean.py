@@ -43,7 +43,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from facecore.cluster import average_linkage
-from facecore.embed import l2_normalize
+from facecore.embed import embedder_version, l2_normalize
 from facecore.pipeline import FacePipeline, batched
 from facecore.settings import Settings
 from services.indexing import find_photos
@@ -120,11 +120,18 @@ def difference_hash(path: Path) -> int:
 
 
 def embed_tree(root: Path, photos: list[Photo], cache: Path, settings: Settings) -> None:
-    """Fill in faces and hashes of ``photos``, reusing ``cache`` (an npz keyed by sha256)."""
+    """Fill in faces and hashes of ``photos``, reusing ``cache`` (an npz keyed by sha256,
+    valid for one embedder version: vectors of another model are never mixed in)."""
+    version = embedder_version(settings.embedder, settings.flip_tta, settings.embedding_head)
     known: dict[str, dict] = {}
+    z: dict[str, np.ndarray] = {}
     if cache.exists():
         with np.load(cache, allow_pickle=False) as f:
             z = {k: f[k] for k in f.files}  # an NpzFile re-reads an array on every access
+        if str(z.get("model_version", "")) != version:
+            log.info("cache %s holds embeddings of %s, not %s: embedding again", cache, z.get("model_version"), version)
+            z = {}
+    if z:
         start = np.concatenate([[0], np.cumsum(z["n_faces"])])
         for i, sha in enumerate(z["sha256"]):
             a, b = start[i], start[i + 1]
@@ -154,18 +161,18 @@ def embed_tree(root: Path, photos: list[Photo], cache: Path, settings: Settings)
                     bar.update(len(chunk))
         finally:
             pipe.close()
-        _save_cache(cache, known)
+        _save_cache(cache, known, version)
     for p in photos:
         e = known[p.sha256]
         p.width, p.height, p.dhash, p.error = e["width"], e["height"], e["dhash"], e["error"]
         p.boxes, p.embeddings = e["boxes"], e["embeddings"]
 
 
-def _save_cache(cache: Path, known: dict[str, dict]) -> None:
+def _save_cache(cache: Path, known: dict[str, dict], version: str) -> None:
     shas = sorted(known)
     dim = max((known[s]["embeddings"].shape[1] for s in shas if len(known[s]["embeddings"])), default=128)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, sha256=np.array(shas), width=np.array([known[s]["width"] for s in shas], np.int64),
+    np.savez(cache, model_version=np.array(version), sha256=np.array(shas), width=np.array([known[s]["width"] for s in shas], np.int64),
              height=np.array([known[s]["height"] for s in shas], np.int64),
              dhash=np.array([known[s]["dhash"] for s in shas], np.uint64),
              error=np.array([known[s]["error"] or "" for s in shas]),
