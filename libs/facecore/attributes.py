@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .models import InferenceModel, resolve
+from .models import IncompatibleEmbedderError, InferenceModel, resolve
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ def vector_version(embedder_version: str, head_input: str) -> str:
     (flip TTA changes them); a pooled feature is read from the unmirrored crop, so it
     depends on the model alone."""
     return embedder_version if head_input == EMBEDDING else f"{embedder_version}|{head_input}"
-
-
-class IncompatibleEmbedderError(ValueError):
-    """The head was trained on another embedder's vectors."""
 
 
 class AttributeHead(InferenceModel):

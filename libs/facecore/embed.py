@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
-from .attributes import EMBEDDING, IncompatibleEmbedderError
-from .models import InferenceModel, make_batch_dynamic, resolve
+from .attributes import EMBEDDING
+from .models import IncompatibleEmbedderError, InferenceModel, make_batch_dynamic, resolve
 
 POOLED = "avgpool:"  # prefix of a feature name: "avgpool:<layer>" = that layer, average-pooled
 

@@ -22,6 +22,10 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 
+class IncompatibleEmbedderError(ValueError):
+    """A head, centroid or cache made from one embedder's vectors was offered another's."""
+
+
 class ModelIntegrityError(RuntimeError):
     """A model file is missing or is not the file we pinned."""
 

@@ -18,8 +18,7 @@ import os
 
 import numpy as np
 
-from .attributes import IncompatibleEmbedderError
-from .models import resolve
+from .models import IncompatibleEmbedderError, resolve
 
 log = logging.getLogger(__name__)
 
