@@ -186,9 +186,10 @@ class Deployment:
                 "FACECLUSTER_OBJECT_STORE": str(self.store), "FACECLUSTER_BATCH_SIZE": str(BATCH),
                 "FACECLUSTER_THREADS": str(threads), "FACECLUSTER_MAX_BYTES": str(MAX_BYTES)}
 
-    def start(self, module: str = "services.ingest", threads: int = 2, *args: str) -> Worker:
+    def start(self, module: str = "services.ingest", threads: int = 2, *args: str, batch: int = BATCH) -> Worker:
         name = f"{module.split('.')[-1]}-{len(self.workers)}"
-        worker = Worker(["-m", module, *args], self.env(threads), self.logs / f"{name}.log")
+        env = {**self.env(threads), "FACECLUSTER_BATCH_SIZE": str(batch)}
+        worker = Worker(["-m", module, *args], env, self.logs / f"{name}.log")
         self.workers.append(worker)
         return worker
 
@@ -494,3 +495,73 @@ def test_cluster_worker_files_faces_under_persons_idempotently(reference):
     dep.wait("replay consumed", lambda: dep.pending(busmod.INDEXED, "cluster-replay") == 0, WORKER_START_S, [replay])
     assert replay.stop() == 0
     assert links() == first
+
+
+def test_cluster_worker_killed_mid_stream_leaves_consistent_persons(reference):
+    """SIGKILL the cluster worker twice while it files faces, restart it each time: every person
+    is whole (made in one transaction, one user, one identity mostly), the faces left over are
+    faces no other leftover face agrees with, and a replay of every event changes nothing."""
+    from facecore.cluster import DEFAULT_DISTANCE, cluster
+    from services.cluster_worker.worker import MIN_FACES
+
+    dep, _ = reference
+    with dep.sessions() as session:  # start with no persons: the undisturbed test may have run first
+        session.execute(sa.delete(FacePerson))
+        session.execute(sa.delete(Person))
+        session.commit()
+
+    def persons() -> int:
+        with dep.sessions() as session:
+            return session.scalar(sa.select(sa.func.count()).select_from(Person))
+
+    # one event per batch, so the stream lasts long enough to be cut in the middle
+    group, left_at_kill = "cluster-killed", []
+    for _ in range(2):
+        before = persons()
+        worker = dep.start("services.cluster_worker", 1, "--group", group, batch=1)
+        dep.wait("a new person or nothing left", lambda: persons() > before or dep.pending(busmod.INDEXED, group) == 0,
+                 WORKER_START_S, [worker])
+        worker.kill()
+        left_at_kill.append(dep.pending(busmod.INDEXED, group))
+    print(f"faces.indexed events left at the two kills: {left_at_kill}")
+    worker = dep.start("services.cluster_worker", 1, "--group", group, batch=1)
+    dep.wait("the worker consuming", lambda: "consuming" in worker.log(), WORKER_START_S, [worker])
+    dep.wait("faces.indexed consumed", lambda: dep.pending(busmod.INDEXED, group) == 0, WORKER_START_S, [worker])
+    assert worker.stop() == 0, worker.log()[-4000:]
+
+    with dep.sessions() as session:
+        links = session.execute(
+            sa.select(FacePerson.face_id, FacePerson.person_id, Person.user_id, Face.user_id.label("face_user"),
+                      Face.photo_id, Photo.uri)
+            .join(Person, Person.id == FacePerson.person_id).join(Face, Face.id == FacePerson.face_id)
+            .join(Photo, Photo.id == Face.photo_id)).all()
+        leftovers = {}
+        for name in USERS:
+            user = repo.find_user(session, name)
+            ids, x = repo.user_embeddings(session, user.id)
+            linked = {r.face_id for r in links}
+            clear = [i for i, f in enumerate(ids) if int(f) not in linked]
+            photo_of = repo.face_photo_ids(session, user.id, ids[clear])
+            leftovers[name] = (x[clear], np.array([photo_of[int(f)] for f in ids[clear]]))
+    members = defaultdict(list)
+    for r in links:
+        assert r.user_id == r.face_user
+        members[r.person_id].append(r)
+    assert len(members) >= 10
+    for faces in members.values():
+        assert len(faces) >= MIN_FACES
+        assert len({f.photo_id for f in faces}) == len(faces)  # one face per photo
+    majority = sum(Counter(f.uri.split("/")[0] for f in m).most_common(1)[0][1] for m in members.values())
+    assert majority / len(links) >= 0.9, (majority, len(links))
+    for name, (x, photos) in leftovers.items():  # nothing was dropped on the floor by a kill
+        if len(x) >= MIN_FACES:
+            assert (cluster(x, DEFAULT_DISTANCE, min_size=MIN_FACES, photos=photos) < 0).all(), name
+
+    first = {(r.face_id, r.person_id) for r in links}
+    replay = dep.start("services.cluster_worker", 1, "--group", "cluster-killed-replay")
+    dep.wait("the replay consuming", lambda: "consuming" in replay.log(), WORKER_START_S, [replay])
+    dep.wait("replay consumed", lambda: dep.pending(busmod.INDEXED, "cluster-killed-replay") == 0, WORKER_START_S,
+             [replay])
+    assert replay.stop() == 0
+    with dep.sessions() as session:
+        assert {tuple(r) for r in session.execute(sa.select(FacePerson.face_id, FacePerson.person_id))} == first
