@@ -492,16 +492,22 @@ def write_report(root: Path, out: Path, result: CleanResult, summary: dict, per_
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="Thresholds are SFace cosine similarities; see training/clean.py.")
+    ap = argparse.ArgumentParser(prog="python -m training.clean", description=__doc__.split("\n\n")[0],
+                                 epilog="Similarities are SFace cosines; the defaults were chosen on a corrupted "
+                                 "LFW-dev (benchmarks/clean_lfw.py, docs/BENCHMARKS.md).")
     ap.add_argument("root", type=Path, help="folder-per-identity tree: ROOT/<identity>/<photo>")
     ap.add_argument("--out", type=Path, required=True, help="where manifest.csv, flags.csv, report.html go")
     d = CleanConfig()
-    ap.add_argument("--member-similarity", type=float, default=d.member_similarity)
-    ap.add_argument("--other-similarity", type=float, default=d.other_similarity)
-    ap.add_argument("--cluster-distance", type=float, default=d.cluster_distance)
-    ap.add_argument("--dup-similarity", type=float, default=d.dup_similarity)
-    ap.add_argument("--dup-hamming", type=int, default=d.dup_hamming)
+    ap.add_argument("--member-similarity", type=float, default=d.member_similarity,
+                    help="a photo below this to the rest of its folder is an outlier (default %(default)s)")
+    ap.add_argument("--other-similarity", type=float, default=d.other_similarity,
+                    help="a face this close to another identity is claimed by it (default %(default)s)")
+    ap.add_argument("--cluster-distance", type=float, default=d.cluster_distance,
+                    help="average-linkage cut inside a folder, cosine distance (default %(default)s)")
+    ap.add_argument("--dup-similarity", type=float, default=d.dup_similarity,
+                    help="faces at least this similar may be copies (default %(default)s)")
+    ap.add_argument("--dup-hamming", type=int, default=d.dup_hamming,
+                    help="...if the whole photos differ in at most this many of 64 hash bits (default %(default)s)")
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
