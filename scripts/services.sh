@@ -12,6 +12,8 @@
 # cached under $FACECLUSTER_CACHE (default ~/.cache/facecluster); its config, data and logs live
 # in var/services/ of this checkout (ignored by git).
 set -euo pipefail
+# runuser, pg_createcluster helpers and apt live in sbin, which a non-login shell may not have
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VAR="$REPO/var/services"
