@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import faiss
@@ -36,7 +37,8 @@ from facecore.cluster import DEFAULT_DISTANCE, KNN, cluster
 from facecore.settings import Settings
 
 from .. import bus as busmod
-from ..bus import Bus, Message, Stopped, consume, dead_letter, retry, stop_on_signals, worker_args
+from ..bus import Bus, Message, dead_letter, retry, stop_on_signals, worker_args
+from ..runner import run_worker
 from ..store import repository as repo
 
 log = logging.getLogger("facecluster.cluster_worker")
@@ -194,28 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = stop_on_signals()
     settings = Settings()
-    from ..ingest.worker import migrate_database
-    from ..store.db import make_engine, session_factory
 
-    bus = busmod.connect(settings.bus_url)
-    engine = make_engine(settings.database_url)
-    consumer = None
-    try:
-        retry(bus.ensure_topics, "topic creation", stop)
-        migrate_database(engine, stop)
-        worker = ClusterWorker(bus, session_factory(engine), stop,
-                               max_distance=settings.cluster_threshold or DEFAULT_DISTANCE,
+    def build(bus: Bus, sessions: sessionmaker[Session], resources: ExitStack):
+        worker = ClusterWorker(bus, sessions, stop, max_distance=settings.cluster_threshold or DEFAULT_DISTANCE,
                                top_k=args.top_k, min_faces=args.min_faces)
-        consumer = retry(lambda: bus.consumer(busmod.INDEXED, args.group, max_records=settings.batch_size,
-                                              on_revoke=worker.on_revoke), "joining the consumer group", stop)
-        log.info("consuming %s as group %s", busmod.INDEXED, args.group)
-        consume(consumer, worker.handle, stop)
-    except Stopped as e:
-        log.info("stopped while waiting for %s; the uncommitted batch will be redelivered", e)
-    finally:
-        if consumer is not None:
-            consumer.close()
-        bus.close()
-        engine.dispose()
-    log.info("exiting")
-    return 0
+        return worker.handle, worker.on_revoke
+
+    return run_worker(settings, stop, busmod.INDEXED, args.group, build, log)

@@ -21,10 +21,10 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from facecore.decode import PhotoError, read_bytes
@@ -32,7 +32,8 @@ from facecore.settings import Settings
 from facecore.types import PhotoResult
 
 from .. import bus as busmod
-from ..bus import Bus, Message, Stopped, consume, dead_letter, retry, stop_on_signals, worker_args
+from ..bus import Bus, Message, dead_letter, retry, stop_on_signals, worker_args
+from ..runner import run_worker
 from ..store import repository as repo
 
 log = logging.getLogger("facecluster.ingest")
@@ -204,52 +205,19 @@ class IngestWorker:
         return report
 
 
-def migrate_database(engine: sa.Engine, stop: threading.Event) -> None:
-    """Migrate on start, as the CLI does, waiting for the database if it is not up yet."""
-    from ..store.db import migrate
-
-    try:
-        retry(lambda: migrate(engine), "database migration", stop)
-    except sa.exc.DBAPIError:
-        # Two workers migrating an empty database at once: the loser fails on the winner's
-        # tables, which are there once it commits; a second run finds the schema at head.
-        log.warning("migration collided with another worker's; running it again", exc_info=True)
-        time.sleep(1.0)
-        retry(lambda: migrate(engine), "database migration", stop)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = worker_args("python -m services.ingest", __doc__.split("\n\n")[0], GROUP,
                        "consumer group (workers of one group share the work)", argv)
-
     stop = stop_on_signals()
     settings = Settings()
-    from facecore.pipeline import FacePipeline
 
-    from ..store.db import make_engine, session_factory
+    def build(bus: Bus, sessions: sessionmaker[Session], resources: ExitStack):
+        from facecore.pipeline import FacePipeline
 
-    bus = busmod.connect(settings.bus_url)
-    engine = make_engine(settings.database_url)
-    pipeline = consumer = worker = None
-    try:
-        retry(bus.ensure_topics, "topic creation", stop)
-        migrate_database(engine, stop)
         pipeline = FacePipeline(settings)  # before joining: a member that holds partitions should work
-        worker = IngestWorker(settings, bus, session_factory(engine), pipeline, stop)
-        consumer = retry(lambda: bus.consumer(busmod.UPLOADED, args.group, max_records=settings.batch_size),
-                         "joining the consumer group", stop)
-        log.info("consuming %s as group %s (batch %d)", busmod.UPLOADED, args.group, settings.batch_size)
-        consume(consumer, worker.handle, stop)
-    except Stopped as e:
-        log.info("stopped while waiting for %s; the uncommitted batch will be redelivered", e)
-    finally:
-        if consumer is not None:
-            consumer.close()
-        if worker is not None:
-            worker.close()
-        if pipeline is not None:
-            pipeline.close()
-        bus.close()
-        engine.dispose()
-    log.info("exiting")
-    return 0
+        resources.callback(pipeline.close)
+        worker = IngestWorker(settings, bus, sessions, pipeline, stop)
+        resources.callback(worker.close)
+        return worker.handle, None
+
+    return run_worker(settings, stop, busmod.UPLOADED, args.group, build, log)
