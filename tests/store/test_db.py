@@ -62,15 +62,20 @@ def test_migrate_leaves_sqlite_foreign_keys_on(tmp_path):
         engine.dispose()
 
 
-def test_migrate_is_idempotent(empty_db_url):
-    migrate(empty_db_url)
-    migrate(empty_db_url)
-    engine = make_engine(empty_db_url)
+def assert_at_head(url: str) -> None:
+    """The database records exactly one applied revision: the head."""
+    engine = make_engine(url)
     try:
         with engine.connect() as connection:
             assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0001"]
     finally:
         engine.dispose()
+
+
+def test_migrate_is_idempotent(empty_db_url):
+    migrate(empty_db_url)
+    migrate(empty_db_url)
+    assert_at_head(empty_db_url)
 
 
 def test_concurrent_migrations_do_not_collide(empty_db_url):
@@ -82,12 +87,7 @@ def test_concurrent_migrations_do_not_collide(empty_db_url):
     for proc in procs:
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
-    engine = make_engine(empty_db_url)
-    try:
-        with engine.connect() as connection:
-            assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0001"]
-    finally:
-        engine.dispose()
+    assert_at_head(empty_db_url)
 
 
 def test_migrations_match_models(db_engine):
