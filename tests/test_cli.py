@@ -158,3 +158,44 @@ def test_verify_scores_same_person_pairs_higher(tmp_path, capsys):
     scores = [float(v) for v in values]
     assert all(math.isfinite(s) and -1 <= s <= 1 for s in scores)
     assert min(scores[:2]) > max(scores[2:]), scores
+
+
+def stored(url: str) -> dict:
+    """Per photo uri, in id order: status, error, and each face's index, box and embedding."""
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as s:
+            user_id = repo.find_user(s, USER).id
+            photos = s.execute(sa.select(Photo.id, Photo.uri, Photo.status, Photo.error)
+                               .where(Photo.user_id == user_id).order_by(Photo.id)).all()
+            faces = s.scalars(sa.select(Face).where(Face.user_id == user_id).order_by(Face.id)).all()
+            by_photo: dict[int, list] = {}
+            for f in faces:
+                by_photo.setdefault(f.photo_id, []).append((f.face_index, round(f.x1, 3), round(f.y1, 3),
+                                                            f.embedding))
+            return {uri: (status, error, by_photo.get(pid, [])) for pid, uri, status, error in photos}
+    finally:
+        engine.dispose()
+
+
+def test_batches_in_flight_store_the_same_rows_in_the_same_order(library, tmp_path, monkeypatch):
+    """Overlapping batches in the models changes only the timing: same rows, same ids, same order."""
+    _, folder, expected, _ = library
+    monkeypatch.setenv("FACECLUSTER_BATCH_SIZE", "3")
+    results = {}
+    for in_flight in (1, 3):
+        monkeypatch.setenv("FACECLUSTER_BATCHES_IN_FLIGHT", str(in_flight))
+        url = f"sqlite:///{tmp_path / f'{in_flight}.db'}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli("index", str(folder), "--db", url) == 0
+        results[in_flight] = stored(url)
+    assert list(results[1]) == list(results[3])
+    assert set(results[1]) == set(expected)
+    for uri in results[1]:
+        (s1, e1, f1), (s3, e3, f3) = results[1][uri], results[3][uri]
+        assert (s1, e1) == (s3, e3)
+        assert [f[:3] for f in f1] == [f[:3] for f in f3]
+        for a, b in zip(f1, f3):
+            assert (a[3] is None) == (b[3] is None)
+            if a[3] is not None:
+                assert bytes(a[3]) == bytes(b[3])

@@ -216,6 +216,16 @@ def test_split_canvases_change_nothing(sample30, found30):
         np.testing.assert_array_equal(a.landmarks, b.landmarks)
 
 
+def test_openvino_finds_the_same_faces(sample30, found30):
+    """The nets are one graph whichever engine runs them (float32): same boxes, landmarks, scores."""
+    other = MTCNN(threads=2, backend="openvino", precision="f32").detect(sample30)
+    for a, b in zip(other, found30):
+        assert len(a) == len(b)
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-2)
+        np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-2)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
 # ---------------------------------------------------------------- independent references
 
 

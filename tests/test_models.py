@@ -54,11 +54,27 @@ def test_embedder_any_batch_and_version():
     np.testing.assert_allclose(e.embed(crops, batch_size=64), out, atol=1e-5)
 
 
-def test_opencv_backend_gives_the_same_vectors():
-    crops = np.random.default_rng(1).integers(0, 255, (6, 112, 112, 3), dtype=np.uint8)
-    a = Embedder("sface", threads=1, flip_tta=False).embed(crops)
-    b = Embedder("sface", threads=1, flip_tta=False, backend="opencv").embed(crops, batch_size=4)
+def test_openvino_backend_at_f32_gives_the_same_vectors_and_features():
+    crops = np.random.default_rng(3).integers(0, 255, (6, 112, 112, 3), dtype=np.uint8)
+    ref = Embedder("sface", threads=1, flip_tta=True, pool_layer="conv_14_relu")
+    ov = Embedder("sface", threads=1, flip_tta=True, pool_layer="conv_14_relu", backend="openvino", precision="f32")
+    (a, fa), (b, fb) = ref.embed_with_features(crops), ov.embed_with_features(crops, batch_size=4)
     np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-5)
+    assert ov.version == ref.version  # the engine does not change what the vectors mean
+
+
+def test_auto_backend_and_precision_choices():
+    assert models.choose_backend("auto", ["CPUExecutionProvider"]) == "openvino"
+    # an accelerator runs on ONNX Runtime where it is present; where absent the CPU engine is chosen
+    cuda = "CUDAExecutionProvider" in models.ort.get_available_providers()
+    assert models.choose_backend("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == (
+        "onnxruntime" if cuda else "openvino")
+    assert models.choose_backend("onnxruntime", ["CPUExecutionProvider"]) == "onnxruntime"
+    with pytest.raises(ValueError, match="unknown precision"):
+        Embedder("sface", threads=1, backend="openvino", precision="int4")
+    with pytest.raises(ValueError, match="unknown inference backend"):
+        Embedder("sface", threads=1, backend="tflite")
 
 
 def test_pooled_feature_is_the_layer_mean_and_leaves_embeddings_alone():
@@ -78,9 +94,9 @@ def test_pooled_feature_is_the_layer_mean_and_leaves_embeddings_alone():
     assert raw.shape == (5, 1024, 7, 7)
     np.testing.assert_allclose(feats, raw.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
 
-    # features come from the crop itself, never its mirror, with either engine
-    cv = Embedder("sface", threads=1, flip_tta=False, pool_layer="conv_14_relu", backend="opencv")
-    np.testing.assert_allclose(cv.embed_with_features(crops)[1], feats, rtol=1e-4, atol=1e-5)
+    # features come from the crop itself, never its mirror
+    unflipped = Embedder("sface", threads=1, flip_tta=False, pool_layer="conv_14_relu")
+    np.testing.assert_allclose(unflipped.embed_with_features(crops)[1], feats, rtol=1e-4, atol=1e-5)
 
     with pytest.raises(ValueError, match="no 4-d tensor"):
         Embedder("sface", threads=1, pool_layer="no_such_layer")

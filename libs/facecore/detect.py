@@ -35,7 +35,7 @@ import cv2
 import joblib
 import numpy as np
 
-from .models import InferenceModel, resolve
+from .models import InferenceModel, choose_backend, resolve
 from .mtcnn_onnx import BUILDERS
 from .settings import Settings
 from .types import Detections
@@ -280,15 +280,21 @@ class _Candidates:
 
 
 class MTCNN:
-    """Three-stage MTCNN on ONNX Runtime, one session per net, batched over photos.
+    """Three-stage MTCNN, one compiled graph per net (any ``InferenceModel`` backend), batched over photos.
 
     ``detect`` takes RGB uint8 HxWx3 arrays (convert grayscale to 3 channels first)
     and returns one ``Detections`` per photo, best score first.
+
+    ``precision`` stays float32 by default even where the embedder uses bfloat16: the
+    landmarks decide each face's crop, and in bfloat16 they move by a fraction of a
+    pixel, so the same photo would embed differently on different machines (measured:
+    cross-machine pairs lost 0.1 points of LFW-dev verification; docs/BENCHMARKS.md).
     """
 
     def __init__(self, min_face_size: float = 20, thresholds: Sequence[float] = (0.6, 0.7, 0.8),
                  scale_factor: float = 0.709, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int = 0, max_pixels: int = MAX_PIXELS):
+                 threads: int = 0, max_pixels: int = MAX_PIXELS, backend: str = "onnxruntime",
+                 precision: str = "f32"):
         if min_face_size <= 0 or not 0 < scale_factor < 1 or len(thresholds) != 3:
             raise ValueError("need min_face_size > 0, 0 < scale_factor < 1 and three thresholds")
         self.min_face_size = min_face_size
@@ -299,14 +305,15 @@ class MTCNN:
         for name, build in BUILDERS.items():
             path, version = resolve(f"mtcnn-{name}")
             nets[name] = InferenceModel(build(joblib.load(path)), providers=providers, threads=threads,
-                                        version=version)
+                                        version=version, backend=backend, precision=precision)
         self.pnet, self.rnet, self.onet = nets["pnet"], nets["rnet"], nets["onet"]
         self.version = "+".join(n.version for n in nets.values())
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "MTCNN":
         s = settings or Settings()
-        return cls(s.min_face_size, s.det_thresholds, s.scale_factor, providers=s.providers, threads=s.threads)
+        return cls(s.min_face_size, s.det_thresholds, s.scale_factor, providers=s.providers, threads=s.threads,
+                   backend=choose_backend(s.backend, s.providers))
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         images = [_check_image(im, i) for i, im in enumerate(images)]

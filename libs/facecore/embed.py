@@ -115,7 +115,7 @@ class Embedder(InferenceModel):
 
     def __init__(self, name_or_path: str = "sface", *, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int = 0, flip_tta: bool = True, backend: str = "onnxruntime",
-                 pool_layer: str | None = None, head: str | os.PathLike | None = None):
+                 pool_layer: str | None = None, head: str | os.PathLike | None = None, precision: str = "auto"):
         path, self.base_version = resolve(name_or_path)
         model = make_batch_dynamic(onnx.load(str(path)))
         self.in_graph_norm = _normalises_inside(model)
@@ -128,7 +128,8 @@ class Embedder(InferenceModel):
         if self.pool_layer:
             model, _ = add_pooled_output(model, self.pool_layer)
         super().__init__(model, providers=providers, threads=threads,
-                         version=embedder_version(name_or_path, flip_tta, head or ""), backend=backend)
+                         version=embedder_version(name_or_path, flip_tta, head or ""), backend=backend,
+                         precision=precision)
         self.flip_tta = flip_tta
 
     @property

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-import cv2
 import numpy as np
 
 from . import decode as dec
@@ -34,32 +34,39 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StageTimer:
-    """Wall time per stage, for the run summary and benchmarks."""
+    """Time per stage, for the run summary and benchmarks.
+
+    With several batches in flight the stages of different batches overlap, so the
+    stage times add up to more than the wall time.
+    """
 
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
-        self.seconds[stage] += now - t0
+        with self.lock:
+            self.seconds[stage] += now - t0
         return now
 
 
 class FacePipeline:
+    """Decode, detect, align, filter and embed; ``process`` may run from several threads at once."""
+
     def __init__(self, settings: Settings | None = None, *, detector: MTCNN | None = None,
                  embedder: Embedder | None = None):
         self.settings = s = settings or Settings()
         threads = s.threads or os.cpu_count() or 1
         self.threads = threads
+        backend = choose_backend(s.backend, s.providers)
         self.detector = detector or MTCNN(min_face_size=s.min_face_size, thresholds=tuple(s.det_thresholds),
-                                          scale_factor=s.scale_factor, providers=s.providers, threads=threads)
-        backend = choose_backend(s.embed_backend, s.providers)
-        if backend == "opencv":
-            cv2.setNumThreads(threads)
+                                          scale_factor=s.scale_factor, providers=s.providers, threads=threads,
+                                          backend=backend)
         reads = head_input()  # the attribute head's input decides what the embedder also hands out
         pool = reads[len(POOLED):] if reads.startswith(POOLED) else None
         self.embedder = embedder or Embedder(s.embedder, providers=s.providers, threads=threads,
                                              flip_tta=s.flip_tta, backend=backend, pool_layer=pool,
-                                             head=s.embedding_head or None)
+                                             head=s.embedding_head or None, precision=s.precision)
         self.attributes = None  # no head for this embedder: faces simply get no attributes
         if reads == EMBEDDING:
             self.attributes = AttributeHead.for_vectors(self.embedder.version)

@@ -53,9 +53,14 @@ class Settings(BaseSettings):
         "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
     )
     threads: int = Field(0, description="intra-op threads per model; 0 = one per core")
-    embed_backend: str = Field("auto", description="auto | onnxruntime | opencv; auto picks OpenCV's DNN "
-                               "engine when only the CPU provider is available (faster there)")
+    backend: str = Field("auto", description="inference engine of every model: auto | onnxruntime | openvino; "
+                         "auto runs ONNX Runtime when an accelerator provider is available, else "
+                         "OpenVINO on the CPU (the fastest there)")
+    precision: str = Field("auto", description="the embedder's compute precision under OpenVINO: auto (bfloat16 "
+                           "where the CPU has bfloat16 units, else float32) | f32 | bf16; detection stays float32")
     batch_size: int = 32
+    batches_in_flight: int = Field(3, description="batches the index job runs through the models at once; "
+                                   "more than 1 lets one batch's pre/post-processing overlap another's inference")
     embedder: str = Field("sface", description="registry name, or a path to an ArcFace-style ONNX file")
     flip_tta: bool = False
     embedding_head: str = Field("", description="embedding head applied after the embedder: path to an .onnx "
