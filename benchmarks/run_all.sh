@@ -13,12 +13,21 @@ $py benchmarks/product.py --out "$out" --threads 2
 FACECLUSTER_PRECISION=f32 $py benchmarks/product.py --out "$out" --threads 2 --name product_f32
 $py benchmarks/precision.py "$out/product_f32.db" "$out/product.db" --out "$out" > "$out/precision.txt"
 $py benchmarks/peers.py opencv --out "$out" --threads 2
+# the evaluation contract's own verify command, with its default flip TTA and without
+lfw=../shared/data/lfw-dev
+for flip in flip-tta no-flip-tta; do
+  .venv/bin/facecluster verify --root "$lfw/images" --pairs "$lfw/pairs.txt" --out "$out/verify_$flip.tsv" \
+      --threads 2 --$flip > "$out/verify_$flip.txt"
+  $py ../shared/bench/lfw_score.py pairs "$lfw/pairs.txt" "$out/verify_$flip.tsv" >> "$out/verify_$flip.txt"
+done
 $py benchmarks/peers.py dlib --out "$out" --threads 2 --limit "${DLIB_LIMIT:-1000}"
 $py benchmarks/product.py --out "$out" --threads 2 --photos-dir "$photos"
 $py benchmarks/peers.py opencv --out "$out" --threads 2 --photos-dir "$photos"
 $py benchmarks/peers.py dlib --out "$out" --threads 2 --photos-dir "$photos" --limit "${DLIB_LIMIT_PHOTOS:-60}"
+$py benchmarks/engines.py --threads 2 > "$out/engines.txt"
 $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab.txt"
 FACECLUSTER_PRECISION=f32 $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab_f32.txt"
+FACECLUSTER_FLIP_TTA=1 $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab_flip.txt"
 $py benchmarks/speed_ab.py --photos 60 --rounds 2 --dir "$photos" > "$out/speed_ab_photos.txt"
 $py benchmarks/calibrate_blur.py --limit 1500 > "$out/blur_calibration.json"
 (cd benchmarks && ../$py tune_cluster.py --db "sqlite:///../$out/product.db" --user bench \

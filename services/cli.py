@@ -123,6 +123,8 @@ def cmd_verify(args):
     from facecore.verify import central_face, pair_scores, read_pairs
 
     settings = _settings(args)
+    flip = settings.verify_flip_tta if args.flip_tta is None else args.flip_tta
+    settings = settings.model_copy(update={"flip_tta": flip})
     root = Path(args.root)
     pairs = read_pairs(args.pairs)
     photos = sorted({p for pair in pairs for p in pair})
@@ -143,7 +145,7 @@ def cmd_verify(args):
         f.write("score\n")
         f.writelines(f"{s:.6f}\n" for s in scores)
     print(f"wrote {len(scores)} pair scores to {args.out} ({len(photos)} photos, {missing} without a usable face, "
-          f"{time.perf_counter() - t0:.1f}s)")
+          f"flip TTA {'on' if flip else 'off'}, {time.perf_counter() - t0:.1f}s)")
 
 
 def cmd_run(args):
@@ -201,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--root", required=True, help="folder-per-identity image tree")
     sp.add_argument("--pairs", required=True, help="pairs file (LFW View-2 format)")
     sp.add_argument("--out", required=True, help="output TSV with header 'score'")
+    sp.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
+                    help="embed each face and its mirror image (default: FACECLUSTER_VERIFY_FLIP_TTA, on)")
     sp.add_argument("--config", type=Path, help="TOML settings file")
     threads(sp)
     sp.set_defaults(func=cmd_verify)

@@ -61,7 +61,7 @@ class FacePipeline:
         backend = choose_backend(s.backend, s.providers)
         self.detector = detector or MTCNN(min_face_size=s.min_face_size, thresholds=tuple(s.det_thresholds),
                                           scale_factor=s.scale_factor, providers=s.providers, threads=threads,
-                                          backend=backend)
+                                          backend=backend, landmark_tta=s.landmark_tta)
         reads = head_input()  # the attribute head's input decides what the embedder also hands out
         pool = reads[len(POOLED):] if reads.startswith(POOLED) else None
         self.embedder = embedder or Embedder(s.embedder, providers=s.providers, threads=threads,
