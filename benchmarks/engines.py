@@ -66,7 +66,7 @@ def main() -> None:
             row[engine] = {"ms": round(timed(lambda: m.predict(x), args.reps), 3),
                            "max_abs_diff": float(max(np.abs(a - b).max() for a, b in zip(out, ref)))}
         if name == "sface":
-            net = cv2.dnn.readNetFromONNX(graphs[name].SerializeToString())
+            net = cv2.dnn.readNetFromONNX(np.frombuffer(graphs[name].SerializeToString(), np.uint8))
 
             def run_cv() -> np.ndarray:
                 net.setInput(x)
