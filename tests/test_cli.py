@@ -152,12 +152,20 @@ def test_verify_scores_same_person_pairs_higher(tmp_path, capsys):
     assert len(read_pairs(pairs)) == 4
     out = tmp_path / "scores.tsv"
     assert cli("verify", "--root", str(root / "images"), "--pairs", str(pairs), "--out", str(out)) == 0
-    assert "wrote 4 pair scores" in capsys.readouterr().out
+    assert "wrote 4 pair scores" in (printed := capsys.readouterr().out) and "flip TTA on" in printed
     header, *values = out.read_text().splitlines()
     assert header == "score" and len(values) == 4
     scores = [float(v) for v in values]
     assert all(math.isfinite(s) and -1 <= s <= 1 for s in scores)
     assert min(scores[:2]) > max(scores[2:]), scores
+
+    # --no-flip-tta embeds the crops alone: other numbers, same verdicts
+    plain = tmp_path / "plain.tsv"
+    assert cli("verify", "--root", str(root / "images"), "--pairs", str(pairs), "--out", str(plain),
+               "--no-flip-tta") == 0
+    assert "flip TTA off" in capsys.readouterr().out
+    plain_scores = [float(v) for v in plain.read_text().splitlines()[1:]]
+    assert plain_scores != scores and min(plain_scores[:2]) > max(plain_scores[2:])
 
 
 def stored(url: str) -> dict:
