@@ -37,7 +37,6 @@ import argparse
 import json
 import logging
 import re
-import signal
 import threading
 import time
 import warnings
@@ -573,19 +572,6 @@ def worker_args(prog: str, description: str, group: str, group_help: str, argv: 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO is per-connection chatter
     return args
-
-
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT, so a worker can finish its batch and leave cleanly."""
-    stop = threading.Event()
-
-    def handler(signum, _frame):
-        log.info("received %s: finishing the current batch, then exiting", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
 
 
 def consume(consumer: Consumer, handle: Callable[[list[Message]], None], stop: threading.Event,

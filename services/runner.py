@@ -3,7 +3,8 @@
 Connect to the bus and the database, create the topics and migrate (waiting for either
 to come up), build the worker, join its consumer group and consume until told to stop;
 whatever happens, close everything in the reverse order it was opened. A stop that
-arrives while waiting leaves the uncommitted batch to be delivered again.
+arrives while waiting leaves the uncommitted batch to be delivered again; one that arrives
+while starting exits before anything is consumed.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def run_worker(settings: Settings, stop: threading.Event, topic: str, group: str
     """Run one worker process on ``topic`` as ``group`` until ``stop``; returns the exit code."""
     from .store.db import make_engine, session_factory
 
+    if stop.is_set():
+        worker_log.info("stopped before starting; nothing was consumed")
+        return 0
     bus = busmod.connect(settings.bus_url)
     engine = make_engine(settings.database_url)
     with ExitStack() as resources:
@@ -59,6 +63,8 @@ def run_worker(settings: Settings, stop: threading.Event, topic: str, group: str
             retry(bus.ensure_topics, "topic creation", stop)
             migrate_database(engine, stop)
             handle, on_revoke = build(bus, session_factory(engine), resources)
+            if stop.is_set():  # loading the models takes long enough for a rollout to change its mind
+                raise Stopped("the models to load")
             consumer = retry(lambda: bus.consumer(topic, group, max_records=settings.batch_size, on_revoke=on_revoke),
                              "joining the consumer group", stop)
             resources.callback(consumer.close)

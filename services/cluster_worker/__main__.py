@@ -1,5 +1,9 @@
 import sys
 
-from .worker import main
+from ..signals import stop_on_signals
 
-sys.exit(main())
+stop = stop_on_signals()  # before the heavy imports: a SIGTERM while starting is a clean stop
+
+from .worker import main  # noqa: E402
+
+sys.exit(main(stop=stop))

@@ -132,8 +132,25 @@ class Worker:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
+    def catches_sigterm(self) -> bool:
+        """Whether the process has its SIGTERM handler installed (Linux: SigCgt in /proc)."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+        caught = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+        return bool(caught >> (signal.SIGTERM - 1) & 1)
+
     def stop(self, timeout: float = 180) -> int:
-        """SIGTERM, then the exit code (the worker finishes its batch first)."""
+        """SIGTERM, then the exit code (the worker finishes its batch first).
+
+        The signal waits for the handler, which the worker installs before its imports: only
+        the interpreter's own start-up is too early for a clean stop.
+        """
+        deadline = time.monotonic() + 30
+        while self.alive() and not self.catches_sigterm():
+            assert time.monotonic() < deadline, f"no SIGTERM handler after 30 s\n{self.log()[-4000:]}"
+            time.sleep(0.01)
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=timeout)
@@ -439,6 +456,12 @@ def test_worker_rides_out_sigterm_and_kafka_and_postgres_restarts(reference, dep
     items = {u: its[-25:] for u, its in subset(main_set, 200).items()}
     total = sum(len(v) for v in items.values())
     dep.publish(items)
+
+    # SIGTERM while the worker is still starting (importing, loading models): exit 0, nothing taken.
+    worker = dep.start()
+    assert worker.stop() == 0, worker.log()[-4000:]
+    assert "nothing was consumed" in worker.log() or "models to load" in worker.log(), worker.log()[-4000:]
+    assert dep.rows() == 0 and dep.pending() == total
 
     # SIGTERM in the middle of the second batch: it is finished, committed, and the worker exits 0.
     worker = dep.start()
