@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from facecore import models
-from facecore.embed import Embedder
+from facecore.embed import CPU_BATCH, Embedder
 
 
 def test_registry_files_verify():
@@ -52,6 +52,9 @@ def test_embedder_any_batch_and_version():
     assert e.version == "sface-2021dec+flip"
     # batching must not change the numbers
     np.testing.assert_allclose(e.embed(crops, batch_size=64), out, atol=1e-5)
+    # on the CPU the default run is CPU_BATCH faces (4 crops and their mirrors per run here)
+    assert not e.on_accelerator and e.batch_size == CPU_BATCH
+    np.testing.assert_allclose(e.embed(crops), out, atol=1e-5)
 
 
 def test_openvino_backend_at_f32_gives_the_same_vectors_and_features():

@@ -149,8 +149,8 @@ class InferenceModel:
 
     backend "onnxruntime" uses the configured providers (TensorRT, CUDA, CPU);
     "openvino" compiles the same graph for the CPU with OpenVINO, which on our
-    2-core CPU runs SFace 1.5x faster than OpenCV's DNN engine and 2.5x faster
-    than ONNX Runtime, and the MTCNN nets 3x faster than ONNX Runtime (docs/BENCHMARKS.md).
+    2-core CPUs runs SFace 2.3-4.3x and the MTCNN nets 2-3.5x faster than ONNX
+    Runtime, and SFace as fast as OpenCV's DNN engine or faster (docs/BENCHMARKS.md).
     ``precision`` is OpenVINO's compute precision: "auto" lets it use bfloat16 on
     CPUs with bfloat16 units (and float32 elsewhere), which halves SFace's time there
     while its vectors stay interchangeable with float32 ones (measured on LFW-dev,
@@ -166,6 +166,7 @@ class InferenceModel:
             model = str(model)
         self.version = version
         self.backend = backend
+        self.on_accelerator = False
         if backend == "openvino":
             if precision not in PRECISIONS:
                 raise ValueError(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})")
@@ -191,6 +192,7 @@ class InferenceModel:
         # worker process could use; on 2 cores that costs more than the wake-up latency.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model, sess_options=opts, providers=available_providers(providers))
+        self.on_accelerator = self.session.get_providers()[0] != "CPUExecutionProvider"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -135,7 +135,7 @@ class FacePipeline:
                     owners.append(face)
         t = self.timer.add("align+blur", t)
         if crops:
-            emb, feats = self.embedder.embed_with_features(np.stack(crops), batch_size=self.settings.batch_size * 2)
+            emb, feats = self.embedder.embed_with_features(np.stack(crops))
             for face, e in zip(owners, emb):
                 face.embedding = e
             if self.trash is not None:
