@@ -69,7 +69,7 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even when nothing changes
 
 
 def decode(data: bytes, *, max_pixels: int, max_side: int = DEFAULT_MAX_SIDE) -> DecodedPhoto:
@@ -89,7 +89,8 @@ def decode(data: bytes, *, max_pixels: int, max_side: int = DEFAULT_MAX_SIDE) ->
                 img.draft("RGB", (max(1, w0 * max_side // max(w0, h0)), max(1, h0 * max_side // max(w0, h0))))
             img.load()
             orientation = img.getexif().get(0x0112, 1)
-            img = ImageOps.exif_transpose(img)
+            if orientation != 1:  # exif_transpose copies the photo even when it is upright
+                img = ImageOps.exif_transpose(img)
             img = _to_rgb8(img)
     except PhotoError:
         raise
