@@ -6,4 +6,4 @@ stop = stop_on_signals()  # before the heavy imports: a SIGTERM while starting i
 
 from .worker import main  # noqa: E402
 
-sys.exit(main(stop=stop))
+sys.exit(main(stop))

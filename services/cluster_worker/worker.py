@@ -39,7 +39,6 @@ from facecore.settings import Settings
 from .. import bus as busmod
 from ..bus import Bus, Message, dead_letter, retry, worker_args
 from ..runner import run_worker
-from ..signals import stop_on_signals
 from ..store import repository as repo
 
 log = logging.getLogger("facecluster.cluster_worker")
@@ -187,7 +186,9 @@ class ClusterWorker:
                  totals["persons"], len(dead), time.perf_counter() - started)
 
 
-def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> int:
+def main(stop: threading.Event, argv: list[str] | None = None) -> int:
+    """``stop`` is set by SIGTERM/SIGINT; ``__main__`` installs that before importing this module."""
+
     def options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--top-k", type=int, default=TOP_K, help="nearest faces of a person that must agree")
         parser.add_argument("--min-faces", type=int, default=MIN_FACES, help="faces that make a new person")
@@ -195,7 +196,6 @@ def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> 
     args = worker_args("python -m services.cluster_worker", __doc__.split("\n\n")[0], GROUP,
                        "consumer group (workers of one group share the users)", argv, options)
 
-    stop = stop or stop_on_signals()
     settings = Settings()
 
     def build(bus: Bus, sessions: sessionmaker[Session], resources: ExitStack):

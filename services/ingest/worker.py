@@ -34,7 +34,6 @@ from facecore.types import PhotoResult
 from .. import bus as busmod
 from ..bus import Bus, Message, dead_letter, retry, worker_args
 from ..runner import run_worker
-from ..signals import stop_on_signals
 from ..store import repository as repo
 
 log = logging.getLogger("facecluster.ingest")
@@ -206,10 +205,10 @@ class IngestWorker:
         return report
 
 
-def main(argv: list[str] | None = None, stop: threading.Event | None = None) -> int:
+def main(stop: threading.Event, argv: list[str] | None = None) -> int:
+    """``stop`` is set by SIGTERM/SIGINT; ``__main__`` installs that before importing this module."""
     args = worker_args("python -m services.ingest", __doc__.split("\n\n")[0], GROUP,
                        "consumer group (workers of one group share the work)", argv)
-    stop = stop or stop_on_signals()
     settings = Settings()
 
     def build(bus: Bus, sessions: sessionmaker[Session], resources: ExitStack):
