@@ -144,3 +144,36 @@ def test_same_person_scores_above_different_people(pipeline):
     s_diff = np.array([emb[a] @ emb[b] for a, b in diff])
     assert s_same.mean() - s_diff.mean() > 0.3, (s_same.round(3), s_diff.round(3))
     assert (s_same > s_diff.max()).mean() >= 0.75, (s_same.round(3), s_diff.round(3))
+
+
+def arcface_shaped_model(path: Path) -> Path:
+    """An ONNX file with an ArcFace model's interface (N x 3 x 112 x 112 in, N x 64 out) and
+    none of SFace's inner layers; its fixed weights only make the shapes real."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w"], ["embedding"], transB=1)]
+    graph = helper.make_graph(nodes, "arcface_shaped",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 112, 112])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 64])], [w])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_any_arcface_style_model_loads_by_path(tmp_path):
+    """The attribute head and the trash centroid belong to SFace: another model indexes
+    without them instead of failing on SFace's layer names."""
+    model = arcface_shaped_model(tmp_path / "other_model.onnx")
+    p = FacePipeline(Settings(embedder=str(model), threads=1))
+    try:
+        assert p.model_version.startswith("other_model-")
+        assert p.attributes is None and p.trash is None
+        (r,) = p.process([("x", lfw_image(SOURCES["good.jpg"]))])
+        assert r.ok and r.faces
+        for f in r.faces:
+            assert f.embedding.shape == (64,) and not f.attributes and f.trash_score is None
+            np.testing.assert_allclose(np.linalg.norm(f.embedding), 1.0, rtol=1e-5)
+    finally:
+        p.close()

@@ -26,10 +26,11 @@ DEFAULT_HEAD = "gender-head"
 EMBEDDING = "embedding"  # the input name of heads that read the embeddings themselves
 
 
-def head_input(name_or_path: str | os.PathLike = DEFAULT_HEAD) -> str:
-    """What the head reads: ``"embedding"`` or a feature such as ``"avgpool:conv_14_relu"``."""
+def head_source(name_or_path: str | os.PathLike = DEFAULT_HEAD) -> tuple[str, str]:
+    """(what the head reads, the embedder version it was trained on): ``"embedding"`` or a
+    feature such as ``"avgpool:conv_14_relu"``, and e.g. ``"sface-2021dec"``."""
     meta = {p.key: p.value for p in onnx.load(str(resolve(str(name_or_path))[0])).metadata_props}
-    return meta.get("input", EMBEDDING)
+    return meta.get("input", EMBEDDING), meta.get("embedder_version", "")
 
 
 def vector_version(embedder_version: str, head_input: str) -> str:

@@ -20,10 +20,10 @@ import numpy as np
 
 from . import decode as dec
 from .align import align_faces
-from .attributes import EMBEDDING, AttributeHead, head_input, vector_version
+from .attributes import EMBEDDING, AttributeHead, head_source, vector_version
 from .detect import MTCNN
 from .embed import POOLED, Embedder
-from .models import choose_backend
+from .models import choose_backend, resolve
 from .quality import DEFAULT_BLUR_THRESHOLD, blur_scores
 from .settings import Settings
 from .trash import TrashModel
@@ -62,8 +62,11 @@ class FacePipeline:
         self.detector = detector or MTCNN(min_face_size=s.min_face_size, thresholds=tuple(s.det_thresholds),
                                           scale_factor=s.scale_factor, providers=s.providers, threads=threads,
                                           backend=backend, landmark_tta=s.landmark_tta)
-        reads = head_input()  # the attribute head's input decides what the embedder also hands out
-        pool = reads[len(POOLED):] if reads.startswith(POOLED) else None
+        # the attribute head's input decides what the embedder also hands out, but only for
+        # the model the head was trained on: another model need not have that layer at all
+        reads, trained_on = head_source()
+        base = embedder.base_version if embedder else resolve(s.embedder)[1]
+        pool = reads[len(POOLED):] if reads.startswith(POOLED) and trained_on == base else None
         self.embedder = embedder or Embedder(s.embedder, providers=s.providers, threads=threads,
                                              flip_tta=s.flip_tta, backend=backend, pool_layer=pool,
                                              head=s.embedding_head or None, precision=s.precision)
