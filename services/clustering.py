@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from facecore.cluster import DEFAULT_DISTANCE, cluster
+from facecore.cluster import calibrated_distance, cluster
 
 from .store import repository as repo
 
@@ -31,14 +31,15 @@ class ClusterSummary:
 
 def cluster_user(sessions: sessionmaker[Session], user_name: str, model_version: str, *,
                  max_distance: float = 0.0, min_size: int = 1) -> ClusterSummary:
-    """Faces of other model versions are left as they are: their vectors are not comparable."""
+    """Faces of other model versions are left as they are: their vectors are not comparable.
+    ``max_distance`` 0 takes the cut calibrated for ``model_version``'s embedder."""
     t0 = time.perf_counter()
     with sessions() as session:
         user = repo.get_or_create_user(session, user_name)
         face_ids, x = repo.user_embeddings(session, user.id, model_version=model_version)
         photo_of = repo.face_photo_ids(session, user.id, face_ids)
         photos = np.array([photo_of[int(f)] for f in face_ids], np.int64)
-        labels = cluster(x, max_distance or DEFAULT_DISTANCE, min_size=min_size, photos=photos)
+        labels = cluster(x, max_distance or calibrated_distance(model_version), min_size=min_size, photos=photos)
         assigned = {int(f): int(l) for f, l in zip(face_ids, labels) if l >= 0}
         repo.replace_auto_assignments(session, user.id, assigned)
         session.commit()

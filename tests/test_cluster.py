@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from facecore import cluster as fc
 from facecore.cluster import average_linkage, cluster, components, knn, relabel_by_size
 from facecore.embed import l2_normalize
 
@@ -69,3 +70,14 @@ def test_two_faces_of_one_photo_never_share_a_cluster():
     # everything else is as without the constraint
     others = [i for i in range(len(x)) if i not in (0, 1)]
     assert len(set(zip(labels[others].tolist(), free[others].tolist()))) == len(set(labels[others].tolist()))
+
+
+def test_each_embedder_gets_its_own_cut(caplog):
+    assert fc.calibrated_distance("sface-2021dec") == fc.DEFAULT_DISTANCE
+    assert fc.calibrated_distance("sface-2021dec+flip") == fc.DEFAULT_DISTANCE  # flip TTA keeps the scale
+    assert fc.calibrated_distance("w600k-mbf") == fc.calibrated_distance("w600k-mbf+flip") == 0.66
+    assert not caplog.records
+    # a head (or any model given by path) changes the scale: SFace's cut, and a warning saying so
+    with caplog.at_level("WARNING", logger="facecore.cluster"):
+        assert fc.calibrated_distance("sface-2021dec+metric_head-01d14c8e38a2") == fc.DEFAULT_DISTANCE
+    assert "no clustering cut was calibrated for sface-2021dec+metric_head" in caplog.text

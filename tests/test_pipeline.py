@@ -127,8 +127,18 @@ def test_mirrored_photo_embeds_like_the_original_with_flip_tta(pipeline):
     assert sim > 0.9, f"cosine {sim:.3f} between a photo and its mirror image"
 
 
-def test_same_person_scores_above_different_people(pipeline):
-    """The first LFW-dev pairs of each kind: a clear mean margin, not one lucky pair."""
+@pytest.fixture(scope="module")
+def mbf_pipeline():
+    p = FacePipeline(Settings(embedder="w600k-mbf", threads=2, flip_tta=True))
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("which", ["pipeline", "mbf_pipeline"])
+def test_same_person_scores_above_different_people(which, request):
+    """The first LFW-dev pairs of each kind: a clear mean margin, not one lucky pair; for the
+    shipped SFace and for the opt-in w600k-mbf."""
+    pipeline = request.getfixturevalue(which)
     root = lfw_dev()
     pairs = read_pairs(root / "pairs.txt")
     same = [p for p in pairs if Path(p[0]).parent == Path(p[1]).parent][:PAIRS_PER_KIND]

@@ -8,22 +8,40 @@ component, which is small (one person's faces plus a few look-alikes).
 
 from __future__ import annotations
 
+import logging
+
 import faiss
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+log = logging.getLogger(__name__)
+
 # Cosine distance cut for average linkage, chosen on LFW-dev (benchmarks/tune_cluster.py,
 # docs/BENCHMARKS.md): BCubed F1 is flat from 0.55 to 0.58 and falls off on both sides.
 # The OpenCV bare-loop peer uses 0.55.
 DEFAULT_DISTANCE = 0.56
+# Each embedder has its own similarity scale, so each gets its own cut, chosen the same way:
+# w600k-mbf is flat from 0.64 to 0.68 (BCubed F1 0.9935-0.9938) and is cut in the middle.
+CALIBRATED_DISTANCE = {"sface-2021dec": DEFAULT_DISTANCE, "w600k-mbf": 0.66}
 # Faces joined by a kNN edge above this similarity share a component; it must sit well
 # below 1 - DEFAULT_DISTANCE so that no merge average linkage would make is cut away.
 LOOSE_SIMILARITY = 0.2
 KNN = 32
 # a component larger than this is split again at a stricter similarity before linkage
 MAX_COMPONENT = 4000
+
+
+def calibrated_distance(model_version: str) -> float:
+    """The cut chosen for the embedder that made ``model_version`` vectors (flip TTA keeps
+    the scale; an embedding head does not). A model without one gets SFace's, with a warning:
+    calibrate it with benchmarks/tune_cluster.py and set FACECLUSTER_CLUSTER_THRESHOLD."""
+    base = model_version.removesuffix("+flip")
+    if base not in CALIBRATED_DISTANCE:
+        log.warning("no clustering cut was calibrated for %s; using %.2f, which was chosen for SFace",
+                    model_version, DEFAULT_DISTANCE)
+    return CALIBRATED_DISTANCE.get(base, DEFAULT_DISTANCE)
 
 
 def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

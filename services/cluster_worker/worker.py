@@ -3,8 +3,8 @@
 Re-clustering a whole library for every upload does not scale, so this worker is incremental:
 
 - a new face joins an existing person when the mean similarity of its ``top_k`` nearest faces
-  of that person (faiss kNN over the user's assigned faces) exceeds ``1 - max_distance``, the
-  cut average linkage uses in the batch job (``facecore.cluster``);
+  of that person (faiss kNN over the user's assigned faces) exceeds ``1 - max_distance``, with
+  the cut average linkage uses in the batch job (calibrated per embedder, ``facecore.cluster``);
 - faces that join nobody wait in the user's unassigned pool; ``facecore.cluster.cluster`` runs
   over that pool and every cluster of at least ``min_faces`` becomes a new person.
 
@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from facecore.cluster import DEFAULT_DISTANCE, KNN, cluster
+from facecore.cluster import KNN, calibrated_distance, cluster
 from facecore.settings import Settings
 
 from .. import bus as busmod
@@ -82,11 +82,14 @@ class _UserFaces:
 
 class ClusterWorker:
     def __init__(self, bus: Bus, sessions: sessionmaker[Session], stop: threading.Event, *,
-                 max_distance: float = DEFAULT_DISTANCE, top_k: int = TOP_K, min_faces: int = MIN_FACES):
+                 max_distance: float = 0.0, top_k: int = TOP_K, min_faces: int = MIN_FACES):
+        """``max_distance`` 0 takes the cut calibrated for each model version's embedder."""
         self.bus, self.sessions, self.stop = bus, sessions, stop
-        self.min_similarity = 1.0 - max_distance
         self.max_distance, self.top_k, self.min_faces = max_distance, top_k, min_faces
         self.users: dict[str, _UserFaces] = {}
+
+    def cut(self, model_version: str) -> float:
+        return self.max_distance or calibrated_distance(model_version)
 
     def on_revoke(self, partitions: set[int]) -> None:
         """Forget the users of partitions another worker takes over."""
@@ -98,6 +101,7 @@ class ClusterWorker:
         faces of one photo that pick the same person, only the closer one joins it."""
         if state.index is None or state.index.ntotal == 0 or not len(ids):
             return {}
+        cut = self.cut(state.model_version)
         sims, idx = state.index.search(np.ascontiguousarray(x, dtype=np.float32), min(KNN, state.index.ntotal))
         chosen: dict[tuple[int, int], tuple[int, float]] = {}  # (photo, person) -> (face, score)
         for face_id, row_sims, row_idx in zip(ids, sims, idx):
@@ -108,20 +112,21 @@ class ClusterWorker:
                     if len(near) < self.top_k:
                         near.append(float(sim))
             person, score = max(((p, float(np.mean(s))) for p, s in best.items()), key=lambda ps: ps[1])
-            if score > self.min_similarity:
+            if score > 1.0 - cut:
                 key = (photo_of.get(int(face_id), -1 - int(face_id)), person)
                 if key not in chosen or score > chosen[key][1]:
                     chosen[key] = (int(face_id), score)
         return {face_id: person for (_, person), (face_id, _) in chosen.items()}
 
-    def _new_persons(self, pool: dict[int, np.ndarray], photo_of: dict[int, int]) -> list[list[int]]:
+    def _new_persons(self, pool: dict[int, np.ndarray], photo_of: dict[int, int], model_version: str
+                     ) -> list[list[int]]:
         """Groups of pooled faces, at most one per photo, that agree with each other well
         enough to be a person."""
         if len(pool) < self.min_faces:
             return []
         ids = np.fromiter(pool, dtype=np.int64, count=len(pool))
         photos = np.array([photo_of.get(int(i), -1 - k) for k, i in enumerate(ids)], np.int64)
-        labels = cluster(np.stack([pool[int(i)] for i in ids]), self.max_distance, min_size=self.min_faces,
+        labels = cluster(np.stack([pool[int(i)] for i in ids]), self.cut(model_version), min_size=self.min_faces,
                          photos=photos)
         return [sorted(int(i) for i in ids[labels == label]) for label in np.unique(labels[labels >= 0])]
 
@@ -146,7 +151,7 @@ class ClusterWorker:
                 pool = {i: v for i, v in state.unassigned.items() if i not in links}
                 pool.update((int(i), v) for i, v in zip(new_ids, new_x) if int(i) not in links)
                 persons = []
-                for group in self._new_persons(pool, photo_of):
+                for group in self._new_persons(pool, photo_of, version):
                     person_id, members = repo.create_person(session, user.id, group)
                     persons.append((person_id, group, members))
                 session.commit()
@@ -199,7 +204,7 @@ def main(stop: threading.Event, argv: list[str] | None = None) -> int:
     settings = Settings()
 
     def build(bus: Bus, sessions: sessionmaker[Session], resources: ExitStack):
-        worker = ClusterWorker(bus, sessions, stop, max_distance=settings.cluster_threshold or DEFAULT_DISTANCE,
+        worker = ClusterWorker(bus, sessions, stop, max_distance=settings.cluster_threshold,
                                top_k=args.top_k, min_faces=args.min_faces)
         return worker.handle, worker.on_revoke
 
