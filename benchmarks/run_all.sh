@@ -30,7 +30,16 @@ $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab.txt"
 FACECLUSTER_PRECISION=f32 $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab_f32.txt"
 FACECLUSTER_FLIP_TTA=1 $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab_flip.txt"
 $py benchmarks/speed_ab.py --photos 60 --rounds 2 --dir "$photos" > "$out/speed_ab_photos.txt"
+# the opt-in embedder (extra insightface-models) through the same code, with its own cut
+mbf="env FACECLUSTER_EMBEDDER=w600k-mbf"
+$mbf $py benchmarks/product.py --out "$out" --threads 2 --name product_mbf
+$mbf .venv/bin/facecluster verify --root "$lfw/images" --pairs "$lfw/pairs.txt" --out "$out/verify_mbf.tsv" \
+    --threads 2 > "$out/verify_mbf.txt"
+$py ../shared/bench/lfw_score.py pairs "$lfw/pairs.txt" "$out/verify_mbf.tsv" >> "$out/verify_mbf.txt"
+$mbf $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab_mbf.txt"
 $py benchmarks/calibrate_blur.py --limit 1500 > "$out/blur_calibration.json"
 (cd benchmarks && ../$py tune_cluster.py --db "sqlite:///../$out/product.db" --user bench \
     --average 0.5 0.53 0.55 0.56 0.57 0.58 0.6 --dbscan 0.4 > "../$out/cluster_sweep.txt")
+(cd benchmarks && ../$py tune_cluster.py --db "sqlite:///../$out/product_mbf.db" --user bench \
+    --average 0.6 0.62 0.64 0.65 0.66 0.67 0.68 0.7 --dbscan > "../$out/cluster_sweep_mbf.txt")
 echo "results in $out"

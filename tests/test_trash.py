@@ -18,19 +18,20 @@ from facecore.detect import MTCNN
 from facecore.embed import Embedder, embedder_version
 from facecore.pipeline import FacePipeline
 from facecore.settings import Settings
-from facecore.trash import DEFAULT_TRASH, TrashModel, trash_scores
+from facecore.trash import CENTROIDS, DEFAULT_TRASH, TrashModel, trash_scores
 from badinput import lfw_dev
 
-CARD = models.REGISTRY[DEFAULT_TRASH].path().with_suffix(".json")
 
-
-def test_shipped_centroid_is_pinned_and_matches_its_card():
-    path, version = models.resolve(DEFAULT_TRASH)  # raises unless the file has the pinned sha256
-    card = json.loads(CARD.read_text())
-    assert card["sha256"] == models.REGISTRY[DEFAULT_TRASH].sha256 == models.sha256_file(path)
-    assert card["embedder_version"] == embedder_version(Settings().embedder, Settings().flip_tta)
-    m = TrashModel(card["embedder_version"])
-    assert m.threshold == card["threshold"] and abs(np.linalg.norm(m.centroid) - 1) < 1e-5
+@pytest.mark.parametrize("name, embedder", [(DEFAULT_TRASH, "sface"), ("trash-centroid-w600k-mbf", "w600k-mbf")])
+def test_shipped_centroids_are_pinned_and_match_their_cards(name, embedder):
+    assert name in CENTROIDS
+    path, version = models.resolve(name)  # raises unless the file has the pinned sha256
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["sha256"] == models.REGISTRY[name].sha256 == models.sha256_file(path)
+    assert card["embedder_version"] == embedder_version(embedder, False)
+    m = TrashModel.for_embedder(card["embedder_version"])  # each embedder finds its own centroid
+    assert m.version == version and m.threshold == card["threshold"]
+    assert abs(np.linalg.norm(m.centroid) - 1) < 1e-5
     assert card["faces_flagged"] <= 0.001 and card["roc_auc"] > 0.9  # the calibration's own verdict
 
 
@@ -83,12 +84,13 @@ def background_patches(n_photos: int = 12) -> np.ndarray:
     return np.stack(out)
 
 
-def test_background_patches_lean_towards_the_centroid_and_faces_away():
-    emb = Embedder("sface", threads=2, flip_tta=False)
-    m = TrashModel(emb.version)
+@pytest.mark.parametrize("embedder", ["sface", "w600k-mbf"])
+def test_background_patches_lean_towards_the_centroid_and_faces_away(embedder):
+    emb = Embedder(embedder, threads=2, flip_tta=False)
+    m = TrashModel.for_embedder(emb.version)
     patches = emb.embed(background_patches())
     photos = sorted((lfw_dev() / "images").rglob("*.jpg"))[::100][:60]
-    p = FacePipeline(Settings(threads=2))
+    p = FacePipeline(Settings(threads=2, embedder=embedder))
     try:
         faces = np.stack([f.embedding for r in p.process([(str(x), x) for x in photos]) for f in r.faces
                           if f.embedding is not None])

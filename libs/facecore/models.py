@@ -69,6 +69,8 @@ REGISTRY: dict[str, ModelFile] = {
         # built by benchmarks/calibrate_trash.py, card (threshold, how it was judged) in assets/trash_centroid.json
         ModelFile("trash-centroid", "facecore", "assets/trash_centroid.npy",
                   "d521bc3af41d46a5a91e442ff9e8368bdd7793d66e69949686fe8d1c11f913f9", "trash-centroid-1"),
+        ModelFile("trash-centroid-w600k-mbf", "facecore", "assets/trash_centroid_w600k_mbf.npy",
+                  "e6dc55bc03a895e8ce92abb5ec4ad860b189638ba1f24d93ba307fa48330c599", "trash-centroid-w600k-mbf-1"),
     ]
 }
 

@@ -23,6 +23,8 @@ from .models import IncompatibleEmbedderError, resolve
 log = logging.getLogger(__name__)
 
 DEFAULT_TRASH = "trash-centroid"
+# every shipped centroid, each for the embedder version its card names
+CENTROIDS = (DEFAULT_TRASH, "trash-centroid-w600k-mbf")
 
 
 def trash_scores(embeddings: np.ndarray, centroid: np.ndarray) -> np.ndarray:
@@ -49,12 +51,16 @@ class TrashModel:
 
     @classmethod
     def for_embedder(cls, embedder_version: str, **kw) -> TrashModel | None:
-        """The shipped centroid if it fits this embedder, else None (faces then get no trash score)."""
-        try:
-            return cls(embedder_version, **kw)
-        except IncompatibleEmbedderError as e:
-            log.info("no trash-face rejection: %s", e)
-            return None
+        """The shipped centroid made for this embedder version, else None (faces then get no
+        trash score)."""
+        for name in CENTROIDS:
+            try:
+                return cls(embedder_version, name, **kw)
+            except IncompatibleEmbedderError:
+                continue
+        log.info("no trash-face rejection: no shipped trash centroid was computed with %s; build one with "
+                 "benchmarks/calibrate_trash.py", embedder_version)
+        return None
 
     def classify(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, is_trash) for (n, d) embeddings."""
