@@ -38,8 +38,11 @@ def test_shipped_centroids_are_pinned_and_match_their_cards(name, embedder):
 def test_a_changed_file_or_another_embedder_is_refused(monkeypatch):
     version = embedder_version("sface", False)
     with pytest.raises(IncompatibleEmbedderError, match="calibrate_trash"):
-        TrashModel(embedder_version("sface", True))
-    assert TrashModel.for_embedder(embedder_version("sface", True)) is None
+        TrashModel("w600k-mbf")  # SFace's centroid
+    headed = version + "+metric_head-01d14c8e38a2"  # a head moves the vectors: no centroid fits
+    assert TrashModel.for_embedder(headed) is None and TrashModel.for_embedder(headed + "+flip") is None
+    # flip TTA keeps the model's space: the same centroid and threshold
+    assert TrashModel.for_embedder(embedder_version("sface", True)).version == TrashModel(version).version
     entry = models.REGISTRY[DEFAULT_TRASH]
     monkeypatch.setitem(models.REGISTRY, DEFAULT_TRASH, dataclasses.replace(entry, sha256="0" * 64))
     with pytest.raises(models.ModelIntegrityError, match="sha256"):
@@ -53,9 +56,10 @@ def test_scores_are_cosines_to_the_centroid():
     assert trash_scores(np.zeros((0, 2)), c).shape == (0,)
 
 
-def test_real_faces_pass_and_get_a_score():
+@pytest.mark.parametrize("flip_tta", [False, True])
+def test_real_faces_pass_and_get_a_score(flip_tta):
     photos = sorted((lfw_dev() / "images").rglob("*.jpg"))[::60][:100]
-    p = FacePipeline(Settings(threads=2))
+    p = FacePipeline(Settings(threads=2, flip_tta=flip_tta))
     try:
         faces = [f for r in p.process([(str(x), x) for x in photos]) for f in r.faces if f.embedding is not None]
     finally:
