@@ -39,7 +39,8 @@ def cluster_user(sessions: sessionmaker[Session], user_name: str, model_version:
         face_ids, x = repo.user_embeddings(session, user.id, model_version=model_version)
         photo_of = repo.face_photo_ids(session, user.id, face_ids)
         photos = np.array([photo_of[int(f)] for f in face_ids], np.int64)
-        labels = cluster(x, max_distance or calibrated_distance(model_version), min_size=min_size, photos=photos)
+        cut = max_distance or calibrated_distance(model_version)
+        labels = cluster(x, cut, min_size=min_size, photos=photos)
         assigned = {int(f): int(l) for f, l in zip(face_ids, labels) if l >= 0}
         repo.replace_auto_assignments(session, user.id, assigned)
         session.commit()
@@ -47,7 +48,7 @@ def cluster_user(sessions: sessionmaker[Session], user_name: str, model_version:
     n_clusters = len(set(assigned.values()))
     summary = ClusterSummary(faces=len(face_ids), clusters=n_clusters, persons=persons,
                              unassigned=len(face_ids) - len(assigned), seconds=time.perf_counter() - t0)
-    log.info("clustered %d faces of %s into %d clusters in %.1fs", summary.faces, user_name, n_clusters,
-             summary.seconds)
+    log.info("clustered %d faces of %s (%s, cut %.2f) into %d clusters in %.1fs", summary.faces, user_name,
+             model_version, cut, n_clusters, summary.seconds)
     return summary
 

@@ -34,3 +34,34 @@ def test_one_person_is_in_a_photo_once(tmp_path):
     others = {p for uri, p in links if uri != "mirror.jpg"}
     assert len(in_mirror) >= 2 and len(set(in_mirror)) == len(in_mirror)  # never one person twice
     assert len(others) == 1 and others & set(in_mirror)  # one of the two is filed with the others
+
+
+def test_the_opt_in_embedder_clusters_with_its_own_cut(tmp_path, monkeypatch, caplog):
+    """w600k-mbf through the whole `run`: its vectors are stored under its version, its
+    calibrated cut (not SFace's) groups them, and each person's photos form one album."""
+    people = [d for d in sorted((lfw_dev() / "images").iterdir()) if len(list(d.iterdir())) >= 4][:2]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for d in people:
+        for f in sorted(d.iterdir())[:4]:
+            Image.open(f).save(folder / f.name)
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    monkeypatch.setenv("FACECLUSTER_EMBEDDER", "w600k-mbf")
+    with caplog.at_level("INFO", logger="services.clustering"):
+        assert main(["run", str(folder), "--db", url, "--report", str(tmp_path / "report"), "--threads", "2"]) == 0
+    assert "(w600k-mbf, cut 0.66)" in caplog.text
+    engine = sa.create_engine(url)
+    with engine.connect() as c:
+        assert {v for (v,) in c.execute(sa.select(Face.model_version).distinct())} == {"w600k-mbf"}
+        links = c.execute(sa.select(Photo.uri, FacePerson.person_id, Face.x1, Face.x2)
+                          .join(Face, Face.photo_id == Photo.id).join(FacePerson, FacePerson.face_id == Face.id)).all()
+    engine.dispose()
+    albums = {}
+    for d in people:
+        widest = {}  # the subject of an LFW photo is its largest face
+        for uri, person, x1, x2 in links:
+            if uri.startswith(d.name) and (uri not in widest or x2 - x1 > widest[uri][0]):
+                widest[uri] = (x2 - x1, person)
+        assert len(widest) == 4, (d.name, widest)
+        albums[d.name] = {p for _, p in widest.values()}
+    assert all(len(a) == 1 for a in albums.values()) and len(set.union(*albums.values())) == 2, albums

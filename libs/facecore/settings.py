@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     )
 
     # clustering
-    cluster_threshold: float = Field(0.0, description="cosine distance cut; 0 = calibrated default")
+    cluster_threshold: float = Field(0.0, description="cosine distance cut; 0 = the cut calibrated for the embedder")
     min_cluster_size: int = 1
 
     @classmethod
