@@ -17,7 +17,8 @@ import onnx
 import pytest
 
 from facecore import models
-from facecore.attributes import DEFAULT_HEAD, EMBEDDING, AttributeHead, IncompatibleEmbedderError, vector_version
+from facecore.attributes import (DEFAULT_HEAD, EMBEDDING, HEADS, AttributeHead, IncompatibleEmbedderError, head_for,
+                                  vector_version)
 from facecore.embed import Embedder
 from facecore.pipeline import FacePipeline
 from facecore.settings import Settings
@@ -31,23 +32,29 @@ def card() -> dict:
     return json.loads(CARD.read_text())
 
 
-@pytest.fixture(scope="module")
-def pipeline():
-    p = FacePipeline(Settings(threads=2))
+SHIPPED = [(DEFAULT_HEAD, "sface"), ("gender-head-w600k-mbf", "w600k-mbf")]  # (head, embedder)
+
+
+@pytest.fixture(scope="module", params=[embedder for _, embedder in SHIPPED])
+def pipeline(request):
+    p = FacePipeline(Settings(threads=2, embedder=request.param))
     yield p
     p.close()
 
 
-def test_shipped_head_is_pinned_and_matches_its_card(card):
-    entry = models.REGISTRY[DEFAULT_HEAD]
-    path, version = models.resolve(DEFAULT_HEAD)  # raises unless the file has the pinned sha256
+@pytest.mark.parametrize("head, embedder", SHIPPED)
+def test_shipped_heads_are_pinned_and_match_their_cards(head, embedder):
+    entry = models.REGISTRY[head]
+    path, version = models.resolve(head)  # raises unless the file has the pinned sha256
+    card = json.loads(path.with_suffix(".json").read_text())
     assert card["sha256"] == entry.sha256 == models.sha256_file(path)
     assert card["version"] == version
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert meta["embedder_version"] == card["embedder_version"]
     assert meta["input"] == card["input"]["reads"]
     assert json.loads(meta["attributes"]) == card["labels"]
-    assert card["embedder_version"] == models.resolve(Settings().embedder)[1]  # the default embedder
+    assert card["embedder_version"] == models.resolve(embedder)[1]
+    assert head in HEADS and head_for(card["embedder_version"]) == head  # each embedder finds its own
     fold_acc = [f["accuracy"] for f in card["metrics"]["gender"]["folds"]]
     assert len(fold_acc) == 5 and min(fold_acc) > 0.9  # the held-out figures; see the card
 

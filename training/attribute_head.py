@@ -19,7 +19,7 @@ that is exported estimates the log-odds under equal priors and 0.5 is a fair thr
 Validation is split by person, stratified by label: the same person on both sides would
 let the head recognise people rather than their gender.
 
-    python -m training.attribute_head --data ../shared/data/lfw-dev --out DIR
+    python -m training.attribute_head --data ../shared/data/lfw-dev --out DIR [--embedder w600k-mbf]
 """
 
 from __future__ import annotations
@@ -79,17 +79,19 @@ def central_face(faces, width: int, height: int):
     return faces[int(np.argmin(d))]
 
 
-def embed_dataset(data: Path, cache_dir: Path, batch: int = 32) -> EmbeddedSet:
-    """Embed every labelled photo with facecore's pipeline, caching the result per embedder version.
+def embed_dataset(data: Path, cache_dir: Path, batch: int = 32, embedder: str | None = None) -> EmbeddedSet:
+    """Embed every labelled photo with facecore's pipeline (``embedder``, default: the
+    settings'), caching the result per embedder version.
 
     Photos whose central face is missing or too blurry to embed are skipped (and counted):
     the pipeline gives such faces no embedding, so the head never sees them in use either.
     """
     from facecore.pipeline import FacePipeline, batched
+    from facecore.settings import Settings
 
     labels = read_gender_tsv(data / "gender.tsv")
     images = sorted(labels)
-    pipe = FacePipeline()
+    pipe = FacePipeline(Settings(embedder=embedder) if embedder else None)
     version = pipe.model_version
     cache = cache_dir / f"lfw-dev-central-{version}.npz"
     if cache.exists():
@@ -133,12 +135,21 @@ def _labelled_set(labels: dict[str, str], images: list[str], emb: np.ndarray, ve
     return EmbeddedSet(images, people, emb, y, version, skipped, landmarks)
 
 
-# The SFace 2021dec graph's last feature map (1024 x 7 x 7) before its 128-d projection.
-BACKBONE_LAYER = "conv_14_relu"
+# Per embedder version: its registry name and its last feature map before the projection
+# to the embedding (SFace 2021dec: 1024 x 7 x 7 before 128-d; w600k-mbf: 512 x 7 x 7 before
+# its global depthwise conv and 512-d).
+BACKBONE_LAYERS = {"sface-2021dec": ("sface", "conv_14_relu"), "w600k-mbf": ("w600k-mbf", "509")}
+BACKBONE_LAYER = BACKBONE_LAYERS["sface-2021dec"][1]
+
+
+def artifact_name(embedder: str) -> str:
+    """``gender_head`` for SFace's head, ``gender_head_<registry name>`` for another embedder's."""
+    return ARTIFACT if embedder == "sface" else f"{ARTIFACT}_{embedder.replace('-', '_')}"
 
 
 def backbone_dataset(ds: EmbeddedSet, data: Path, cache_dir: Path, batch: int = 64) -> EmbeddedSet:
-    """The same faces as ``ds``, described by SFace's average-pooled last feature map (1024-d).
+    """The same faces as ``ds``, described by their embedder's average-pooled last feature
+    map (SFace: 1024-d).
 
     The 128-d identity embedding is trained to keep only what tells people apart, while
     the feature map before it still carries more of what an attribute needs. Crops are
@@ -152,7 +163,10 @@ def backbone_dataset(ds: EmbeddedSet, data: Path, cache_dir: Path, batch: int = 
     from facecore.embed import Embedder
     from facecore.settings import Settings
 
-    embedder = Embedder("sface", flip_tta=False, pool_layer=BACKBONE_LAYER)
+    if ds.embedder_version not in BACKBONE_LAYERS:
+        raise ValueError(f"no backbone layer is known for {ds.embedder_version}; add it to BACKBONE_LAYERS")
+    name, layer = BACKBONE_LAYERS[ds.embedder_version]
+    embedder = Embedder(name, flip_tta=False, pool_layer=layer)
     feature = embedder.feature_name
     cache = cache_dir / f"lfw-dev-central-{embedder.base_version}-{feature.replace(':', '-')}.npz"
     if cache.exists():
@@ -335,8 +349,8 @@ def to_onnx(model: AttributeMLP, meta: dict[str, str]) -> onnx.ModelProto:
 
 
 def export(model: AttributeMLP, ds: EmbeddedSet, cfg: HeadConfig, cv: dict, k: int, out: Path,
-           data_desc: dict, version: str) -> Path:
-    """Write ``<ARTIFACT>.onnx`` and its model card ``<ARTIFACT>.json`` to ``out``; returns the onnx path."""
+           data_desc: dict, version: str, name: str = ARTIFACT) -> Path:
+    """Write ``<name>.onnx`` and its model card ``<name>.json`` to ``out``; returns the onnx path."""
     attrs = list(ATTRIBUTES)
     meta = {"head_version": version, "embedder_version": ds.embedder_version, "input": ds.input,
             "attributes": json.dumps(ATTRIBUTES)}
@@ -359,42 +373,43 @@ def export(model: AttributeMLP, ds: EmbeddedSet, cfg: HeadConfig, cv: dict, k: i
                   "seed": cfg.seed, "final_model": "trained on all people after cross-validation"},
         "metrics": {"gender": cv},
     }
-    return write_artifact(out, ARTIFACT, to_onnx(model, meta), version, card)
+    return write_artifact(out, name, to_onnx(model, meta), version, card)
 
 
 def fit_and_export(ds: EmbeddedSet, out: Path, cfg: HeadConfig, k: int = 5, data_desc: dict | None = None,
-                   version: str = "gender-head-2") -> dict:
-    """Cross-validate by person, train the final head on everyone, export; returns the card."""
+                   version: str = "gender-head-2", name: str = ARTIFACT) -> dict:
+    """Cross-validate by person, train the final head on everyone, export as ``name``; returns the card."""
     cv = cross_validate(ds, cfg, k)
     model = train_head(ds.embeddings, ds.targets, cfg)
-    export(model, ds, cfg, cv, k, out, data_desc or {}, version)
-    return json.loads((out / f"{ARTIFACT}.json").read_text())
+    export(model, ds, cfg, cv, k, out, data_desc or {}, version, name)
+    return json.loads((out / f"{name}.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="LFW-dev root (gender.tsv, images/)")
-    ap.add_argument("--out", type=Path, required=True, help="where gender_head.onnx and gender_head.json go")
+    ap.add_argument("--out", type=Path, required=True, help="where gender_head[_<embedder>].onnx and .json go")
+    ap.add_argument("--embedder", default="sface", help="registry name of the embedder whose features the head reads")
     ap.add_argument("--cache", type=Path, default=Path("out/attributes"), help="embedding cache folder")
     ap.add_argument("--features", choices=["embedding", "backbone"], default="backbone",
-                    help="backbone: SFace's 1024-d pooled last feature map (default); embedding: the "
-                    "pipeline's 128-d vectors (needs --hidden 256 to be any good)")
+                    help="backbone: the embedder's pooled last feature map (default); embedding: the "
+                    "pipeline's vectors (for SFace's 128-d ones it needs --hidden 256 to be any good)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--hidden", type=int, default=HeadConfig.hidden, help="0 = linear head")
     ap.add_argument("--l2", type=float, default=HeadConfig.l2, help="weight penalty")
     ap.add_argument("--max-iter", type=int, default=HeadConfig.max_iter, help="L-BFGS iterations")
     ap.add_argument("--seed", type=int, default=HeadConfig.seed)
-    ap.add_argument("--version", default="gender-head-2")
+    ap.add_argument("--version", default="gender-head-2", help="e.g. gender-head-w600k-mbf-1 for another embedder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ds = embed_dataset(args.data, args.cache)
+    ds = embed_dataset(args.data, args.cache, embedder=args.embedder)
     if args.features == "backbone":
         ds = backbone_dataset(ds, args.data, args.cache)
     torch.set_num_threads(1)  # the head is tiny; more threads only contend on a shared machine
     cfg = HeadConfig(args.hidden, args.l2, args.max_iter, args.seed)
     desc = {"dataset": args.data.resolve().name, "labels": "gender.tsv",
             "labels_sha256": hashlib.sha256((args.data / "gender.tsv").read_bytes()).hexdigest()}
-    card = fit_and_export(ds, args.out, cfg, args.folds, desc, args.version)
+    card = fit_and_export(ds, args.out, cfg, args.folds, desc, args.version, artifact_name(args.embedder))
     m = card["metrics"]["gender"]
     print(json.dumps({"mean": m["mean"], "pooled_out_of_fold": m["pooled_out_of_fold"], "sha256": card["sha256"]},
                      indent=2))

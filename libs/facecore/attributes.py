@@ -23,6 +23,8 @@ from .models import IncompatibleEmbedderError, InferenceModel, resolve
 log = logging.getLogger(__name__)
 
 DEFAULT_HEAD = "gender-head"
+# every shipped head, each for the embedder version its metadata names
+HEADS = (DEFAULT_HEAD, "gender-head-w600k-mbf")
 EMBEDDING = "embedding"  # the input name of heads that read the embeddings themselves
 
 
@@ -31,6 +33,11 @@ def head_source(name_or_path: str | os.PathLike = DEFAULT_HEAD) -> tuple[str, st
     feature such as ``"avgpool:conv_14_relu"``, and e.g. ``"sface-2021dec"``."""
     meta = {p.key: p.value for p in onnx.load(str(resolve(str(name_or_path))[0])).metadata_props}
     return meta.get("input", EMBEDDING), meta.get("embedder_version", "")
+
+
+def head_for(embedder_base_version: str) -> str | None:
+    """The shipped head trained on this model's vectors, or None."""
+    return next((h for h in HEADS if head_source(h)[1] == embedder_base_version), None)
 
 
 def vector_version(embedder_version: str, head_input: str) -> str:

@@ -66,6 +66,8 @@ REGISTRY: dict[str, ModelFile] = {
         # shipped inside facecore: trained by training.attribute_head, card in assets/gender_head.json
         ModelFile("gender-head", "facecore", "assets/gender_head.onnx",
                   "3a59536aff5ae3dd0421eb80d7d049c052ec575d34b9b73f9ca655904095a06c", "gender-head-2"),
+        ModelFile("gender-head-w600k-mbf", "facecore", "assets/gender_head_w600k_mbf.onnx",
+                  "b2b794d1711857447041e2fb039f89d4ab6c8d54a7fbf5b797a2120761f9baba", "gender-head-w600k-mbf-1"),
         # built by benchmarks/calibrate_trash.py, card (threshold, how it was judged) in assets/trash_centroid.json
         ModelFile("trash-centroid", "facecore", "assets/trash_centroid.npy",
                   "d521bc3af41d46a5a91e442ff9e8368bdd7793d66e69949686fe8d1c11f913f9", "trash-centroid-1"),

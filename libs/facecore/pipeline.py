@@ -20,7 +20,7 @@ import numpy as np
 
 from . import decode as dec
 from .align import align_faces
-from .attributes import EMBEDDING, AttributeHead, head_source, vector_version
+from .attributes import EMBEDDING, AttributeHead, head_for, head_source, vector_version
 from .detect import MTCNN
 from .embed import POOLED, Embedder
 from .models import choose_backend, resolve
@@ -62,19 +62,22 @@ class FacePipeline:
         self.detector = detector or MTCNN(min_face_size=s.min_face_size, thresholds=tuple(s.det_thresholds),
                                           scale_factor=s.scale_factor, providers=s.providers, threads=threads,
                                           backend=backend, landmark_tta=s.landmark_tta)
-        # the attribute head's input decides what the embedder also hands out, but only for
-        # the model the head was trained on: another model need not have that layer at all
-        reads, trained_on = head_source()
-        base = embedder.base_version if embedder else resolve(s.embedder)[1]
-        pool = reads[len(POOLED):] if reads.startswith(POOLED) and trained_on == base else None
+        # the attribute head trained on this model decides what the embedder also hands out;
+        # a model without one need not have any known layer at all
+        head = head_for(embedder.base_version if embedder else resolve(s.embedder)[1])
+        reads = head_source(head)[0] if head else None
+        pool = reads[len(POOLED):] if reads and reads.startswith(POOLED) else None
         self.embedder = embedder or Embedder(s.embedder, providers=s.providers, threads=threads,
                                              flip_tta=s.flip_tta, backend=backend, pool_layer=pool,
                                              head=s.embedding_head or None, precision=s.precision)
         self.attributes = None  # no head for this embedder: faces simply get no attributes
-        if reads == EMBEDDING:
-            self.attributes = AttributeHead.for_vectors(self.embedder.version)
+        if head is None:
+            log.info("no face attributes: no shipped head was trained on %s", self.embedder.base_version)
+        elif reads == EMBEDDING:
+            self.attributes = AttributeHead.for_vectors(self.embedder.version, name_or_path=head)
         elif self.embedder.feature_name == reads:
-            self.attributes = AttributeHead.for_vectors(vector_version(self.embedder.base_version, reads))
+            self.attributes = AttributeHead.for_vectors(vector_version(self.embedder.base_version, reads),
+                                                        name_or_path=head)
         else:
             log.info("no face attributes: the head reads %s, which this embedder does not give", reads)
         self.blur_threshold = s.blur_threshold or DEFAULT_BLUR_THRESHOLD
