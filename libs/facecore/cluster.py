@@ -9,6 +9,7 @@ component, which is small (one person's faces plus a few look-alikes).
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 import faiss
 import numpy as np
@@ -33,6 +34,7 @@ KNN = 32
 MAX_COMPONENT = 4000
 
 
+@lru_cache(maxsize=None)  # the cluster worker asks for every batch: warn once per version
 def calibrated_distance(model_version: str) -> float:
     """The cut chosen for the embedder that made ``model_version`` vectors (flip TTA keeps
     the scale; an embedding head does not). A model without one gets SFace's, with a warning:
