@@ -81,3 +81,13 @@ def test_each_embedder_gets_its_own_cut(caplog):
     with caplog.at_level("WARNING", logger="facecore.cluster"):
         assert fc.calibrated_distance("sface-2021dec+metric_head-01d14c8e38a2") == fc.DEFAULT_DISTANCE
     assert "no clustering cut was calibrated for sface-2021dec+metric_head" in caplog.text
+
+
+def test_cluster_worker_cut_follows_the_model_unless_one_is_set():
+    import threading
+
+    from services.cluster_worker.worker import ClusterWorker
+
+    calibrated = ClusterWorker(None, None, threading.Event())
+    assert calibrated.cut("w600k-mbf") == 0.66 and calibrated.cut("sface-2021dec+flip") == fc.DEFAULT_DISTANCE
+    assert ClusterWorker(None, None, threading.Event(), max_distance=0.5).cut("w600k-mbf") == 0.5
