@@ -74,7 +74,9 @@ def cmd_index(args, settings: Settings | None = None):
     rate = summary.seen / summary.seconds if summary.seconds else 0.0
     print(f"indexed {summary.indexed} photos ({summary.faces} faces, {summary.blurry_faces} blurry, "
           f"{summary.trash_faces} not faces), "
-          f"{summary.skipped_existing} already indexed, {summary.failed} failed, "
+          f"{summary.skipped_existing} already indexed, "
+          + (f"{summary.reembedded} re-embedded with {pipeline.model_version}, " if summary.reembedded else "")
+          + f"{summary.failed} failed, "
           f"in {summary.seconds:.1f}s ({rate:.1f} photos/s)")
     for reason, n in summary.reasons().most_common():
         print(f"  failed: {n} x {reason}")

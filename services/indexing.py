@@ -2,7 +2,10 @@
 
 Photos are read and hashed first, so bytes already indexed for this user are skipped
 before any model runs; each photo is then stored in its own transaction, which makes
-a re-run after a crash or a kill pick up exactly where it stopped.
+a re-run after a crash or a kill pick up exactly where it stopped. A photo indexed
+before by another embedder is not skipped but re-embedded in place: its faces, and the
+person links on them, stay; their embeddings, trash verdicts and attributes are made
+again by the current embedder, so clustering sees the whole library in one version.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from facecore.decode import PhotoError, read_bytes
@@ -35,6 +39,7 @@ class IndexSummary:
     seen: int = 0
     indexed: int = 0
     skipped_existing: int = 0
+    reembedded: int = 0  # photos indexed before by another embedder, their faces embedded again
     failed: int = 0
     faces: int = 0
     blurry_faces: int = 0
@@ -82,25 +87,43 @@ def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_na
         session.commit()
 
     def prepare(chunk: list[tuple[str, Path]], pool: ThreadPoolExecutor
-                ) -> tuple[list[PhotoResult], list[tuple[str, bytes]]]:
-        """Read a batch; failed reads become results, bytes already indexed are skipped."""
+                ) -> tuple[list[PhotoResult], list[tuple[str, bytes]], list[tuple[str, bytes, list]]]:
+        """Read a batch; failed reads become results, bytes already indexed are skipped unless
+        another embedder made their faces (then they are returned with those faces)."""
         t = time.perf_counter()
         datas = list(pool.map(lambda it: _read(it[1], s.max_bytes), chunk))
         digests = [None if isinstance(d, PhotoError) else sha256(d).hexdigest() for d in datas]
         with sessions() as session:
             indexed = repo.indexed_photo_ids(session, user_id, [d for d in digests if d])
+            other_model = repo.faces_of_other_models(session, user_id, indexed.values(), pipeline.model_version)
         todo: list[tuple[str, bytes]] = []
+        stale: list[tuple[str, bytes, list]] = []
         results: list[PhotoResult] = []
         for (uri, _), data, digest in zip(chunk, datas, digests):
             summary.seen += 1
             if isinstance(data, PhotoError):
                 results.append(PhotoResult(key=uri, error=data.reason))
+            elif digest in indexed and indexed[digest] in other_model:
+                stale.append((uri, data, other_model.pop(indexed[digest])))
             elif digest in indexed:
                 summary.skipped_existing += 1
             else:
                 todo.append((uri, data))
         own["read"] += time.perf_counter() - t
-        return results, todo
+        return results, todo, stale
+
+    def reembed(stale: list[tuple[str, bytes, list]]) -> None:
+        t = time.perf_counter()
+        done = pipeline.reembed([(uri, data, np.stack([lm for _, lm in faces])) for uri, data, faces in stale])
+        with sessions() as session:
+            for (uri, _, faces), r in zip(stale, done):
+                if not r.ok:  # the same bytes decoded before; keep what is stored
+                    log.warning("could not re-embed %s: %s", uri, r.error)
+                    continue
+                repo.update_face_vectors(session, user_id, [face_id for face_id, _ in faces], r.faces)
+                session.commit()  # one transaction per photo, as for new ones
+                summary.reembedded += 1
+        own["reembed"] = own.get("reembed", 0.0) + time.perf_counter() - t
 
     def store(results: list[PhotoResult], size: int) -> None:
         t = time.perf_counter()
@@ -127,7 +150,9 @@ def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_na
     with ThreadPoolExecutor(max_workers=pipeline.threads) as pool, \
             ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="models") as models:
         for chunk in batched(items, s.batch_size):
-            results, todo = prepare(chunk, pool)
+            results, todo, stale = prepare(chunk, pool)
+            if stale:
+                reembed(stale)
             pending.append((results, models.submit(pipeline.process, todo), len(chunk)))
             if len(pending) > in_flight:
                 results, done, size = pending.popleft()

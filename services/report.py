@@ -52,8 +52,9 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
              f"{sum(1 for r in rows if r.get('blurry'))} blurry faces left out",
              f"{len(trash)} detections rejected as not faces"]
     if index_summary is not None:
+        reembedded = f"{index_summary.reembedded} re-embedded, " if index_summary.reembedded else ""
         stats.insert(0, f"{index_summary.indexed} photos indexed, {index_summary.skipped_existing} already known, "
-                        f"{index_summary.failed} failed in {index_summary.seconds:.1f}s")
+                        f"{reembedded}{index_summary.failed} failed in {index_summary.seconds:.1f}s")
     parts.append("<p>" + " · ".join(html.escape(s) for s in stats) + "</p>")
 
     def face_imgs(faces: list[dict]) -> str:

@@ -7,7 +7,7 @@ from PIL import Image
 
 from badinput import lfw_dev
 from services.cli import main
-from services.store.models import Face, FacePerson, Photo
+from services.store.models import Face, FacePerson, Person, Photo
 
 
 def test_one_person_is_in_a_photo_once(tmp_path):
@@ -65,3 +65,52 @@ def test_the_opt_in_embedder_clusters_with_its_own_cut(tmp_path, monkeypatch, ca
         assert len(widest) == 4, (d.name, widest)
         albums[d.name] = {p for _, p in widest.values()}
     assert all(len(a) == 1 for a in albums.values()) and len(set.union(*albums.values())) == 2, albums
+
+
+def test_switching_embedder_reembeds_in_place_and_keeps_named_persons(tmp_path, monkeypatch, capsys):
+    """A library indexed with SFace, one person named, then run again with w600k-mbf: every
+    photo is re-embedded (not skipped, not duplicated), the faces keep their ids, and the
+    named person is still there, holding the same photos."""
+    from services.store import repository as repo
+    from services.store.db import make_engine, session_factory
+
+    people = [d for d in sorted((lfw_dev() / "images").iterdir()) if len(list(d.iterdir())) >= 4][:2]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for d in people:
+        for f in sorted(d.iterdir())[:4]:
+            Image.open(f).save(folder / f.name)
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    run = ["run", str(folder), "--db", url, "--report", str(tmp_path / "report"), "--threads", "2"]
+    assert main(run) == 0
+    sessions = session_factory(make_engine(url))
+
+    def state():
+        with sessions() as s:
+            faces = {f.id: (f.photo_id, f.model_version) for f in s.scalars(sa.select(Face))}
+            named = s.scalar(sa.select(Person).where(Person.name == "Ann"))
+            album = None if named is None else {uri for (uri,) in s.execute(
+                sa.select(Photo.uri).join(Face, Face.photo_id == Photo.id)
+                .join(FacePerson, FacePerson.face_id == Face.id).where(FacePerson.person_id == named.id))}
+            return faces, album
+
+    with sessions() as s:
+        user = repo.find_user(s, "local")
+        first = s.execute(sa.select(FacePerson.person_id).join(Face, Face.id == FacePerson.face_id)
+                          .join(Photo, Photo.id == Face.photo_id).where(Photo.uri.startswith(people[0].name))).first()
+        repo.rename_person(s, user.id, first.person_id, "Ann")
+        s.commit()
+    before, album = state()
+    assert {v for _, v in before.values()} == {"sface-2021dec"} and album
+    capsys.readouterr()
+
+    monkeypatch.setenv("FACECLUSTER_EMBEDDER", "w600k-mbf")
+    assert main(run) == 0
+    out = capsys.readouterr().out
+    assert "indexed 0 photos" in out and "0 already indexed, 8 re-embedded with w600k-mbf" in out, out
+    after, album_after = state()
+    assert after.keys() == before.keys()  # the same faces, none added or dropped
+    assert {v for _, v in after.values()} == {"w600k-mbf"}
+    assert album_after == album  # the named person survives the change of embedder
+    assert main(run) == 0  # and a third run has nothing left to do
+    assert state()[0] == after

@@ -140,19 +140,59 @@ class FacePipeline:
                     crops.append(c[i])
                     owners.append(face)
         t = self.timer.add("align+blur", t)
-        if crops:
-            emb, feats = self.embedder.embed_with_features(np.stack(crops))
-            for face, e in zip(owners, emb):
-                face.embedding = e
-            if self.trash is not None:
-                for face, score, trash in zip(owners, *self.trash.classify(emb)):
-                    face.trash_score, face.is_trash = float(score), bool(trash)
-            if self.attributes is not None:
-                vectors = emb if self.attributes.input == EMBEDDING else feats
-                for face, a in zip(owners, self.attributes.predict_attributes(vectors)):
-                    face.attributes.update(a)
+        self._embed(owners, crops)
         self.timer.add("embed", t)
         return results
+
+    def reembed(self, items: Sequence[tuple[str, str | os.PathLike | bytes, np.ndarray]]) -> list[PhotoResult]:
+        """items: (key, path or bytes, (n, 5, 2) landmarks of its stored faces, full-size pixels)
+        -> one PhotoResult per item whose faces, in the given order, carry this pipeline's
+        embeddings, trash verdicts and attributes.
+
+        For a change of embedder: the faces stay the ones found before (detection does not
+        depend on the embedder), so whatever points at them, a user's person links above
+        all, stays valid; only what the embedder decides is made again. Boxes and detection
+        scores are not (NaN here): the stored ones stand.
+        """
+        decoded = list(self._pool.map(self._load, [src for _, src, _ in items]))
+        results, crops, owners = [], [], []
+        for (key, _, landmarks), d in zip(items, decoded):
+            if isinstance(d, dec.PhotoError):
+                results.append(PhotoResult(key=key, error=d.reason))
+                continue
+            r = PhotoResult(key=key, sha256=d.sha256, width=d.width, height=d.height)
+            results.append(r)
+            landmarks = np.asarray(landmarks, np.float32).reshape(-1, 5, 2)
+            if not len(landmarks):
+                continue
+            c = align_faces(d.rgb, landmarks / d.scale)
+            blur = blur_scores(c)
+            for i, lm in enumerate(landmarks):
+                face = FaceRecord(index=i, box=np.full(4, np.nan, np.float32), landmarks=lm, det_score=float("nan"),
+                                  blur=float(blur[i]), blurry=bool(blur[i] < self.blur_threshold),
+                                  trash_score=None, is_trash=False, embedding=None,
+                                  model_version=self.embedder.version)
+                r.faces.append(face)
+                if not face.blurry:
+                    crops.append(c[i])
+                    owners.append(face)
+        self._embed(owners, crops)
+        return results
+
+    def _embed(self, owners: list[FaceRecord], crops: list[np.ndarray]) -> None:
+        """Embeddings, trash verdicts and attributes of aligned sharp crops, set on their faces."""
+        if not crops:
+            return
+        emb, feats = self.embedder.embed_with_features(np.stack(crops))
+        for face, e in zip(owners, emb):
+            face.embedding = e
+        if self.trash is not None:
+            for face, score, trash in zip(owners, *self.trash.classify(emb)):
+                face.trash_score, face.is_trash = float(score), bool(trash)
+        if self.attributes is not None:
+            vectors = emb if self.attributes.input == EMBEDDING else feats
+            for face, a in zip(owners, self.attributes.predict_attributes(vectors)):
+                face.attributes.update(a)
 
 
 def batched(items: Iterable, n: int) -> Iterable[list]:

@@ -13,7 +13,7 @@ import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -94,7 +94,7 @@ def _finite_or_none(value: float | None) -> float | None:
 
 def _face_row(photo_id: int, user_id: int, face: FaceRecord) -> dict:
     x1, y1, x2, y2 = np.asarray(face.box, dtype=np.float64).reshape(4).tolist()
-    row = dict(
+    return dict(
         photo_id=photo_id,
         user_id=user_id,
         face_index=int(face.index),
@@ -103,18 +103,43 @@ def _face_row(photo_id: int, user_id: int, face: FaceRecord) -> dict:
         det_score=float(face.det_score),
         blur=float(face.blur),
         blurry=bool(face.blurry),
-        trash_score=_finite_or_none(face.trash_score),
-        trash=bool(face.is_trash),
-        embedding=None,
-        embedding_dim=None,
-        model_version=face.model_version,
-        attributes=dict(face.attributes),
+        **_embedder_columns(face),
     )
+
+
+def _embedder_columns(face: FaceRecord) -> dict:
+    """The columns the embedder decides: what a change of embedder rewrites."""
+    row = dict(trash_score=_finite_or_none(face.trash_score), trash=bool(face.is_trash), embedding=None,
+               embedding_dim=None, model_version=face.model_version, attributes=dict(face.attributes))
     if face.embedding is not None:
         # Explicit little-endian so the bytes mean the same on any host that reads them.
         embedding = np.ascontiguousarray(face.embedding, dtype="<f4").reshape(-1)
         row.update(embedding=embedding.tobytes(), embedding_dim=embedding.size)
     return row
+
+
+def faces_of_other_models(session: Session, user_id: int, photo_ids: Collection[int],
+                          model_version: str) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """photo id -> [(face id, (5, 2) landmarks)] in face order, for each of ``photo_ids`` that
+    has a face made by another model version than ``model_version``."""
+    rows = session.execute(
+        sa.select(Face.photo_id, Face.id, Face.landmarks, Face.model_version)
+        .where(Face.user_id == user_id, Face.photo_id.in_(list(photo_ids)))
+        .order_by(Face.photo_id, Face.face_index)).all()
+    stale = {r.photo_id for r in rows if r.model_version != model_version}
+    out: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for r in rows:
+        if r.photo_id in stale:
+            out.setdefault(r.photo_id, []).append((r.id, np.asarray(r.landmarks, np.float32).reshape(5, 2)))
+    return out
+
+
+def update_face_vectors(session: Session, user_id: int, face_ids: Sequence[int], faces: Sequence[FaceRecord]) -> None:
+    """Rewrite what the embedder decides (embedding, version, trash verdict, attributes) of
+    stored faces, keeping the faces themselves and every link to them."""
+    for face_id, face in zip(face_ids, faces, strict=True):
+        session.execute(sa.update(Face).where(Face.id == face_id, Face.user_id == user_id)
+                        .values(**_embedder_columns(face)))
 
 
 @dataclass(frozen=True)
