@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import sqlalchemy as sa
 from PIL import Image
 
 from badinput import lfw_dev
+from facecore.decode import DEFAULT_MAX_SIDE
 from services.cli import main
 from services.store.models import Face, FacePerson, Person, Photo
 
@@ -80,6 +82,9 @@ def test_switching_embedder_reembeds_in_place_and_keeps_named_persons(tmp_path, 
     for d in people:
         for f in sorted(d.iterdir())[:4]:
             Image.open(f).save(folder / f.name)
+    with Image.open(sorted(people[1].iterdir())[4 % len(list(people[1].iterdir()))]) as im:  # decoded downscaled
+        side = int(DEFAULT_MAX_SIDE * 1.5)
+        im.resize((side, side), Image.BICUBIC).save(folder / "large.jpg", quality=90)
     url = f"sqlite:///{tmp_path / 'x.db'}"
     run = ["run", str(folder), "--db", url, "--report", str(tmp_path / "report"), "--threads", "2"]
     assert main(run) == 0
@@ -107,10 +112,26 @@ def test_switching_embedder_reembeds_in_place_and_keeps_named_persons(tmp_path, 
     monkeypatch.setenv("FACECLUSTER_EMBEDDER", "w600k-mbf")
     assert main(run) == 0
     out = capsys.readouterr().out
-    assert "indexed 0 photos" in out and "0 already indexed, 8 re-embedded with w600k-mbf" in out, out
+    assert "indexed 0 photos" in out and "0 already indexed, 9 re-embedded with w600k-mbf" in out, out
     after, album_after = state()
     assert after.keys() == before.keys()  # the same faces, none added or dropped
     assert {v for _, v in after.values()} == {"w600k-mbf"}
     assert album_after == album  # the named person survives the change of embedder
     assert main(run) == 0  # and a third run has nothing left to do
     assert state()[0] == after
+
+    # the re-embedded vectors are the ones a fresh index with w600k-mbf stores
+    fresh_url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert main(["index", str(folder), "--db", fresh_url, "--threads", "2"]) == 0
+
+    def vectors(db_url):
+        engine = sa.create_engine(db_url)
+        with engine.connect() as c:
+            rows = c.execute(sa.select(Photo.uri, Face.face_index, Face.embedding)
+                             .join(Face, Face.photo_id == Photo.id).where(Face.embedding.is_not(None))).all()
+        engine.dispose()
+        return {(uri, i): np.frombuffer(e, "<f4") for uri, i, e in rows}
+
+    got, want = vectors(url), vectors(fresh_url)
+    assert got.keys() == want.keys() and len(got) >= 9 and ("large.jpg", 0) in got
+    assert min(float(got[k] @ want[k]) for k in got) > 0.999
