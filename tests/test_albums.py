@@ -1,6 +1,8 @@
-"""Person albums from `facecluster run`: a person is in a photo once."""
+"""Person albums from `facecluster run`: a person is in a photo once; an embedder of one's own, or a change of embedder, keeps them whole."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
@@ -38,15 +40,21 @@ def test_one_person_is_in_a_photo_once(tmp_path):
     assert len(others) == 1 and others & set(in_mirror)  # one of the two is filed with the others
 
 
-def test_the_opt_in_embedder_clusters_with_its_own_cut(tmp_path, monkeypatch, caplog):
-    """w600k-mbf through the whole `run`: its vectors are stored under its version, its
-    calibrated cut (not SFace's) groups them, and each person's photos form one album."""
+def two_people(tmp_path) -> tuple[list[Path], Path]:
+    """A folder with four LFW-dev photos of each of two people: (their LFW folders, the folder)."""
     people = [d for d in sorted((lfw_dev() / "images").iterdir()) if len(list(d.iterdir())) >= 4][:2]
     folder = tmp_path / "photos"
     folder.mkdir()
     for d in people:
         for f in sorted(d.iterdir())[:4]:
             Image.open(f).save(folder / f.name)
+    return people, folder
+
+
+def test_the_opt_in_embedder_clusters_with_its_own_cut(tmp_path, monkeypatch, caplog):
+    """w600k-mbf through the whole `run`: its vectors are stored under its version, its
+    calibrated cut (not SFace's) groups them, and each person's photos form one album."""
+    people, folder = two_people(tmp_path)
     url = f"sqlite:///{tmp_path / 'x.db'}"
     monkeypatch.setenv("FACECLUSTER_EMBEDDER", "w600k-mbf")
     with caplog.at_level("INFO", logger="services.clustering"):
@@ -76,12 +84,7 @@ def test_switching_embedder_reembeds_in_place_and_keeps_named_persons(tmp_path, 
     from services.store import repository as repo
     from services.store.db import make_engine, session_factory
 
-    people = [d for d in sorted((lfw_dev() / "images").iterdir()) if len(list(d.iterdir())) >= 4][:2]
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for d in people:
-        for f in sorted(d.iterdir())[:4]:
-            Image.open(f).save(folder / f.name)
+    people, folder = two_people(tmp_path)
     with Image.open(sorted(people[1].iterdir())[4 % len(list(people[1].iterdir()))]) as im:  # decoded downscaled
         side = int(DEFAULT_MAX_SIDE * 1.5)
         im.resize((side, side), Image.BICUBIC).save(folder / "large.jpg", quality=90)
