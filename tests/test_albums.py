@@ -1,4 +1,5 @@
-"""Person albums from `facecluster run`: a person is in a photo once; an embedder of one's own, or a change of embedder, keeps them whole."""
+"""Person albums from `facecluster run`: a person is in a photo once, and albums stay whole
+with an embedder of one's own and across a change of embedder."""
 
 from __future__ import annotations
 
