@@ -108,37 +108,15 @@ class FacePipeline:
     def process(self, items: Sequence[tuple[str, str | os.PathLike | bytes]]) -> list[PhotoResult]:
         """items: (key, path or raw bytes) pairs -> one PhotoResult per item, same order."""
         t = time.perf_counter()
-        decoded = list(self._pool.map(self._load, [src for _, src in items]))
+        results, good = self._decode(items)
         t = self.timer.add("decode", t)
-        results: list[PhotoResult] = []
-        good: list[tuple[PhotoResult, dec.DecodedPhoto]] = []
-        for (key, _), d in zip(items, decoded):
-            if isinstance(d, dec.PhotoError):
-                results.append(PhotoResult(key=key, error=d.reason))
-            else:
-                r = PhotoResult(key=key, sha256=d.sha256, width=d.width, height=d.height)
-                results.append(r)
-                good.append((r, d))
         if not good:
             return results
         dets = self.detector.detect([d.rgb for _, d in good])
         t = self.timer.add("detect", t)
-
         crops, owners = [], []
         for (r, d), det in zip(good, dets):
-            if not len(det):
-                continue
-            c = align_faces(d.rgb, det.landmarks)
-            blur = blur_scores(c)
-            for i in range(len(det)):
-                face = FaceRecord(index=i, box=det.boxes[i] * d.scale, landmarks=det.landmarks[i] * d.scale,
-                                  det_score=float(det.scores[i]), blur=float(blur[i]),
-                                  blurry=bool(blur[i] < self.blur_threshold), trash_score=None, is_trash=False,
-                                  embedding=None, model_version=self.embedder.version)
-                r.faces.append(face)
-                if not face.blurry:
-                    crops.append(c[i])
-                    owners.append(face)
+            self._add_faces(r, d, det.landmarks, det.boxes, det.scores, crops, owners)
         t = self.timer.add("align+blur", t)
         self._embed(owners, crops)
         self.timer.add("embed", t)
@@ -154,30 +132,48 @@ class FacePipeline:
         all, stays valid; only what the embedder decides is made again. Boxes and detection
         scores are not (NaN here): the stored ones stand.
         """
-        decoded = list(self._pool.map(self._load, [src for _, src, _ in items]))
-        results, crops, owners = [], [], []
-        for (key, _, landmarks), d in zip(items, decoded):
-            if isinstance(d, dec.PhotoError):
-                results.append(PhotoResult(key=key, error=d.reason))
-                continue
-            r = PhotoResult(key=key, sha256=d.sha256, width=d.width, height=d.height)
-            results.append(r)
-            landmarks = np.asarray(landmarks, np.float32).reshape(-1, 5, 2)
-            if not len(landmarks):
-                continue
-            c = align_faces(d.rgb, landmarks / d.scale)
-            blur = blur_scores(c)
-            for i, lm in enumerate(landmarks):
-                face = FaceRecord(index=i, box=np.full(4, np.nan, np.float32), landmarks=lm, det_score=float("nan"),
-                                  blur=float(blur[i]), blurry=bool(blur[i] < self.blur_threshold),
-                                  trash_score=None, is_trash=False, embedding=None,
-                                  model_version=self.embedder.version)
-                r.faces.append(face)
-                if not face.blurry:
-                    crops.append(c[i])
-                    owners.append(face)
+        results, good = self._decode([(key, src) for key, src, _ in items])
+        marks = {key: np.asarray(lm, np.float32).reshape(-1, 5, 2) for key, _, lm in items}
+        crops, owners = [], []
+        for r, d in good:
+            lm = marks[r.key] / d.scale
+            nan = np.full(len(lm), np.nan, np.float32)
+            self._add_faces(r, d, lm, np.full((len(lm), 4), np.nan, np.float32), nan, crops, owners)
         self._embed(owners, crops)
         return results
+
+    def _decode(self, items: Sequence[tuple[str, str | os.PathLike | bytes]]
+                ) -> tuple[list[PhotoResult], list[tuple[PhotoResult, dec.DecodedPhoto]]]:
+        """One result per item (failures with their reason), and the decoded ones with theirs."""
+        decoded = list(self._pool.map(self._load, [src for _, src in items]))
+        results: list[PhotoResult] = []
+        good: list[tuple[PhotoResult, dec.DecodedPhoto]] = []
+        for (key, _), d in zip(items, decoded):
+            if isinstance(d, dec.PhotoError):
+                results.append(PhotoResult(key=key, error=d.reason))
+            else:
+                r = PhotoResult(key=key, sha256=d.sha256, width=d.width, height=d.height)
+                results.append(r)
+                good.append((r, d))
+        return results, good
+
+    def _add_faces(self, r: PhotoResult, d: dec.DecodedPhoto, landmarks: np.ndarray, boxes: np.ndarray,
+                   scores: np.ndarray, crops: list[np.ndarray], owners: list[FaceRecord]) -> None:
+        """Faces of one photo (landmarks and boxes in ``d.rgb`` pixels) aligned, blur-scored and
+        added to ``r``; the sharp ones' crops join ``crops``/``owners`` for the embedder."""
+        if not len(landmarks):
+            return
+        c = align_faces(d.rgb, landmarks)
+        blur = blur_scores(c)
+        for i in range(len(landmarks)):
+            face = FaceRecord(index=i, box=boxes[i] * d.scale, landmarks=landmarks[i] * d.scale,
+                              det_score=float(scores[i]), blur=float(blur[i]),
+                              blurry=bool(blur[i] < self.blur_threshold), trash_score=None, is_trash=False,
+                              embedding=None, model_version=self.embedder.version)
+            r.faces.append(face)
+            if not face.blurry:
+                crops.append(c[i])
+                owners.append(face)
 
     def _embed(self, owners: list[FaceRecord], crops: list[np.ndarray]) -> None:
         """Embeddings, trash verdicts and attributes of aligned sharp crops, set on their faces."""
