@@ -95,7 +95,8 @@ def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_na
         digests = [None if isinstance(d, PhotoError) else sha256(d).hexdigest() for d in datas]
         with sessions() as session:
             indexed = repo.indexed_photo_ids(session, user_id, [d for d in digests if d])
-            other_model = repo.faces_of_other_models(session, user_id, indexed.values(), pipeline.model_version)
+            other_model = (repo.faces_of_other_models(session, user_id, indexed.values(), pipeline.model_version)
+                           if indexed else {})  # a batch of new photos, the common case: no query
         todo: list[tuple[str, bytes]] = []
         stale: list[tuple[str, bytes, list]] = []
         results: list[PhotoResult] = []
