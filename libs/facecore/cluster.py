@@ -17,6 +17,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .embed import vector_space
+
 log = logging.getLogger(__name__)
 
 # Cosine distance cut for average linkage, chosen on LFW-dev (benchmarks/tune_cluster.py,
@@ -39,7 +41,7 @@ def calibrated_distance(model_version: str) -> float:
     """The cut chosen for the embedder that made ``model_version`` vectors (flip TTA keeps
     the scale; an embedding head does not). A model without one gets SFace's, with a warning:
     calibrate it with benchmarks/tune_cluster.py and set FACECLUSTER_CLUSTER_THRESHOLD."""
-    base = model_version.removesuffix("+flip")
+    base = vector_space(model_version)
     if base not in CALIBRATED_DISTANCE:
         log.warning("no clustering cut was calibrated for %s; using %.2f, which was chosen for SFace",
                     model_version, DEFAULT_DISTANCE)

@@ -39,6 +39,15 @@ def _normalises_inside(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("Sub", "Mul") for n in model.graph.node[:4])
 
 
+FLIP = "+flip"  # the last part of a version whose vectors average each crop with its mirror
+
+
+def vector_space(version: str) -> str:
+    """The space a stored version's vectors live in: flip TTA averages two views of one
+    model, so its vectors share that model's space (and its calibrated cut and centroid)."""
+    return version.removesuffix(FLIP)
+
+
 def embedder_version(name_or_path: str, flip_tta: bool, head: str | os.PathLike = "") -> str:
     """The version stored with embeddings of this embedder setup, without loading the model.
 
@@ -46,7 +55,7 @@ def embedder_version(name_or_path: str, flip_tta: bool, head: str | os.PathLike 
     then flip TTA: each of them changes the vectors.
     """
     head_version = f"+{resolve(str(head))[1]}" if head else ""
-    return resolve(name_or_path)[1] + head_version + ("+flip" if flip_tta else "")
+    return resolve(name_or_path)[1] + head_version + (FLIP if flip_tta else "")
 
 
 def add_pooled_output(model: onnx.ModelProto, layer: str) -> tuple[onnx.ModelProto, str]:

@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from .embed import vector_space
 from .models import IncompatibleEmbedderError, resolve
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class TrashModel:
         card = json.loads(path.with_suffix(".json").read_text())
         # Flip-TTA vectors are the same model's: on LFW-dev their faces stay under the
         # threshold set on single crops (central faces' highest cosine 0.432 against 0.452).
-        if card["embedder_version"] != embedder_version.removesuffix("+flip"):
+        if card["embedder_version"] != vector_space(embedder_version):
             raise IncompatibleEmbedderError(
                 f"trash centroid {self.version} was computed with {card['embedder_version']!r} and cannot be "
                 f"used with {embedder_version!r}; rebuild it with benchmarks/calibrate_trash.py")
