@@ -139,7 +139,6 @@ def _labelled_set(labels: dict[str, str], images: list[str], emb: np.ndarray, ve
 # to the embedding (SFace 2021dec: 1024 x 7 x 7 before 128-d; w600k-mbf: 512 x 7 x 7 before
 # its global depthwise conv and 512-d).
 BACKBONE_LAYERS = {"sface-2021dec": ("sface", "conv_14_relu"), "w600k-mbf": ("w600k-mbf", "509")}
-BACKBONE_LAYER = BACKBONE_LAYERS["sface-2021dec"][1]
 
 
 def artifact_name(embedder: str) -> str:
