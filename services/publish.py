@@ -38,6 +38,20 @@ def object_key(sha256: str) -> str:
     return f"{sha256[:2]}/{sha256}"
 
 
+def read_object(store: Path, key: str, sha256: str, max_bytes: int) -> bytes | str:
+    """The object's bytes, or why they cannot be had: missing, unreadable, over ``max_bytes``,
+    or not the bytes ``sha256`` names (a permanent failure for that photo either way)."""
+    from facecore.decode import PhotoError, read_bytes
+
+    try:
+        data = read_bytes(store / key, max_bytes)
+    except PhotoError as e:
+        return f"object {key}: {e.reason}"
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return f"object {key}: bytes do not match their sha256"
+    return data
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

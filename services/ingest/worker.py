@@ -15,7 +15,6 @@ batch and exits 0.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -27,12 +26,12 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from facecore.decode import PhotoError, read_bytes
 from facecore.settings import Settings
 from facecore.types import PhotoResult
 
 from .. import bus as busmod
 from ..bus import Bus, Message, dead_letter, retry, worker_args
+from ..publish import read_object
 from ..runner import run_worker
 from ..store import repository as repo
 
@@ -114,13 +113,7 @@ class IngestWorker:
 
     def _read(self, value: dict) -> bytes | str:
         """The photo's bytes, or why they cannot be had (a permanent failure for this photo)."""
-        try:
-            data = read_bytes(self.store / value["object_key"], self.settings.max_bytes)
-        except PhotoError as e:
-            return f"object {value['object_key']}: {e.reason}"
-        if hashlib.sha256(data).hexdigest() != value["sha256"]:
-            return f"object {value['object_key']}: bytes do not match the event's sha256"
-        return data
+        return read_object(self.store, value["object_key"], value["sha256"], self.settings.max_bytes)
 
     def _process(self, items: list[tuple[str, bytes]]) -> list[PhotoResult]:
         """Pipeline over the batch; if it raises, photo by photo so only the culprit fails."""
