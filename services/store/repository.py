@@ -134,6 +134,24 @@ def faces_of_other_models(session: Session, user_id: int, photo_ids: Collection[
     return out
 
 
+def users_with_other_models(session: Session, model_version: str) -> list[str]:
+    """Names of the users who have a face made by another model version than ``model_version``."""
+    return list(session.scalars(
+        sa.select(User.name).where(sa.exists().where(Face.user_id == User.id, Face.model_version != model_version))
+        .order_by(User.name)))
+
+
+def photos_of_other_models(session: Session, user_id: int, model_version: str, *, after_id: int = 0,
+                           limit: int | None = None) -> list[tuple[int, str, str]]:
+    """(photo id, uri, sha256) of the user's photos with a face made by another model version
+    than ``model_version``, by id from ``after_id`` on: pages that a long job walks through."""
+    query = (sa.select(Photo.id, Photo.uri, Photo.sha256)
+             .where(Photo.user_id == user_id, Photo.id > after_id,
+                    sa.exists().where(Face.photo_id == Photo.id, Face.model_version != model_version))
+             .order_by(Photo.id).limit(limit))
+    return [tuple(r) for r in session.execute(query)]
+
+
 def update_face_vectors(session: Session, user_id: int, face_ids: Sequence[int], faces: Sequence[FaceRecord]) -> None:
     """Rewrite what the embedder decides (embedding, version, trash verdict, attributes) of
     stored faces, keeping the faces themselves and every link to them."""

@@ -211,6 +211,48 @@ def test_user_embeddings_keep_models_apart(session, user):
     assert ids.shape == (0,) and matrix.shape == (0, 0)
 
 
+def test_stale_faces_are_found_by_user_and_photo_and_rewritten_in_place(session, user, ten_faces):
+    """What the re-embedding job walks: users and photos with a face of another model, then the
+    faces of those photos rewritten under the new version, ids and links untouched."""
+    bob = repo.get_or_create_user(session, "bob")
+    mixed = repo.save_photo_result(session, user.id, "c.jpg", photo("c", face(0, model_version="w600k-mbf"), face(1)))
+    new = repo.save_photo_result(session, user.id, "d.jpg", photo("d", face(0, model_version="w600k-mbf")))
+    repo.save_photo_result(session, bob.id, "e.jpg", photo("e", face(0, model_version="w600k-mbf")))
+    repo.save_photo_result(session, bob.id, "a.jpg", photo("a", face(0)))  # same bytes as ann's a.jpg
+    person, _ = repo.create_person(session, user.id, ten_faces[:3])
+    session.commit()
+    a, b = (repo.find_photo(session, user.id, sha(n)).id for n in "ab")
+
+    assert repo.users_with_other_models(session, "w600k-mbf") == ["ann", "bob"]
+    assert repo.users_with_other_models(session, MODEL) == ["ann", "bob"]
+    stale = repo.photos_of_other_models(session, user.id, "w600k-mbf")
+    assert stale == [(a, "a.jpg", sha("a")), (b, "b.jpg", sha("b")), (mixed.id, "c.jpg", sha("c"))]
+    assert repo.photos_of_other_models(session, user.id, "w600k-mbf", after_id=a, limit=1) == [stale[1]]
+    assert repo.photos_of_other_models(session, user.id, MODEL) == [(mixed.id, "c.jpg", sha("c")),
+                                                                    (new.id, "d.jpg", sha("d"))]
+    faces = repo.faces_of_other_models(session, user.id, [a, mixed.id, new.id], "w600k-mbf")
+    assert sorted(faces) == [a, mixed.id]  # d.jpg has nothing stale
+    assert [f for f, _ in faces[a]] == ten_faces[:5] and faces[a][0][1].shape == (5, 2)
+    assert [f for f, _ in faces[mixed.id]] == mixed.face_ids  # the whole photo, in face order
+
+    records = [face(i, seed=50 + i, model_version="w600k-mbf", attributes={}) for i in range(5)]
+    repo.update_face_vectors(session, user.id, ten_faces[:5], records)
+    session.commit()
+    rows = faces_of(session, a)
+    assert [f.id for f in rows] == ten_faces[:5] and {f.model_version for f in rows} == {"w600k-mbf"}
+    assert all(np.array_equal(np.frombuffer(f.embedding, "<f4"), r.embedding) for f, r in zip(rows, records))
+    assert all(f.attributes == {} for f in rows)
+    assert [f for f, (p, _) in links(session, user.id).items() if p == person] == ten_faces[:3]
+    assert [p for p, _, _ in repo.photos_of_other_models(session, user.id, "w600k-mbf")] == [b, mixed.id]
+    # another user's faces are never rewritten through this user
+    bobs = repo.photos_of_other_models(session, bob.id, "w600k-mbf")[0][0]
+    bob_face = faces_of(session, bobs)[0]
+    repo.update_face_vectors(session, user.id, [bob_face.id], records[:1])
+    session.commit()
+    session.refresh(bob_face)
+    assert bob_face.model_version == MODEL
+
+
 # ------------------------------------------------------------------------------ deletion
 
 
