@@ -118,6 +118,46 @@ def cmd_export(args):
     print(f"wrote {n} faces to {args.out}")
 
 
+def cmd_reembed(args):
+    from collections import Counter
+
+    from facecore.pipeline import FacePipeline
+
+    from .reembed import reembed_library, stale_photo_count
+    from .store import repository as repo
+
+    settings = _settings(args)
+    if not settings.object_store.is_dir():
+        raise SystemExit(f"no object store at {settings.object_store} (FACECLUSTER_OBJECT_STORE): reembed reads "
+                         "photos back from it; a library indexed from a folder is re-embedded by "
+                         "`facecluster index DIR` with the new embedder")
+    sessions = _sessions(settings)
+    pipeline = FacePipeline(settings)
+    try:
+        users = args.users
+        if not users:
+            with sessions() as session:
+                users = repo.users_with_other_models(session, pipeline.model_version)
+        log.info("re-embedding the faces of %d users with %s", len(users), pipeline.model_version)
+        with _progress(stale_photo_count(sessions, pipeline.model_version, users), "re-embedding") as bar:
+            summary = reembed_library(sessions, pipeline, settings.object_store, users,
+                                      batch_size=settings.batch_size, max_bytes=settings.max_bytes,
+                                      cluster=not args.no_cluster, max_distance=settings.cluster_threshold,
+                                      min_size=settings.min_cluster_size, progress=bar.update)
+    except LookupError as e:  # a --user that does not exist
+        raise SystemExit(str(e)) from None
+    finally:
+        pipeline.close()
+    print(f"re-embedded {summary.photos} photos ({summary.faces} faces) of {len(users)} users with "
+          f"{summary.model_version} in {summary.seconds:.1f}s; {len(summary.failures)} kept their old vectors")
+    for reason, n in Counter(reason for _, _, reason in summary.failures).most_common():
+        print(f"  not re-embedded: {n} x {reason}")
+    for name, s in summary.clustered.items():
+        print(f"  {name}: {s.faces} faces into {s.clusters} clusters ({s.persons} persons), "
+              f"{s.unassigned} unassigned")
+    return summary, sessions
+
+
 def cmd_verify(args):
     import numpy as np
 
@@ -214,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     # cloud path: upload into the object store + photo.uploaded events (services/publish.py)
     from .publish import add_parser as add_publish_parser
     add_publish_parser(sub)
+
+    sp = sub.add_parser("reembed", help="after a change of embedder: embed the stored faces again from the "
+                                        "object store, in place (names and links stay), and re-cluster")
+    sp.add_argument("--user", dest="users", metavar="USER", action="append", default=[],
+                    help="only this user (repeatable; default: every user with a face of another model)")
+    sp.add_argument("--db", help="database URL (default: FACECLUSTER_DATABASE_URL)")
+    sp.add_argument("--no-cluster", action="store_true", help="re-embed only, leave the persons as they are")
+    sp.add_argument("--config", type=Path, help="TOML settings file")
+    threads(sp)
+    sp.set_defaults(func=cmd_reembed)
     return p
 
 

@@ -1,0 +1,112 @@
+"""Re-embedding job: after a change of embedder, bring every stored face into the new space.
+
+Vectors of two embedders cannot be compared, so once a deployment's embedder changes
+(``FACECLUSTER_EMBEDDER``, flip TTA, an embedding head) the faces stored before are clustered
+apart from the new ones, and persons made of old vectors never get a new face. The ingest worker
+skips bytes it has indexed, so nothing else fixes that. This job does, in place: it reads each
+stale photo back from the object store, embeds its stored faces again at their stored landmarks
+(``FacePipeline.reembed``) and rewrites only what the embedder decides, one transaction per
+photo. Face ids stay, and with them every person link, name and hidden flag. Each user is then
+re-clustered in the new space (``services.clustering``), which maps the new clusters onto the
+existing persons.
+
+A photo whose bytes are gone or no longer decode keeps its old vectors and is reported; the run
+goes on. Pages are walked by photo id, so a failure is not retried in the same run, and a run
+that stops is resumed by running it again: only stale photos are visited. A user whose photos
+were all re-embedded before a stop is re-clustered by naming it (``--user``).
+
+Run: ``facecluster reembed [--user U ...]`` (``k8s/reembed-job.yaml``), with the settings of the
+workers (``FACECLUSTER_DATABASE_URL``, ``FACECLUSTER_OBJECT_STORE``, the model settings).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from .clustering import ClusterSummary, cluster_user
+from .publish import object_key, read_object
+from .store import repository as repo
+
+log = logging.getLogger("facecluster.reembed")
+
+
+@dataclass
+class ReembedSummary:
+    model_version: str
+    photos: int = 0  # re-embedded
+    faces: int = 0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (user, uri, reason): old vectors kept
+    clustered: dict[str, ClusterSummary] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def stale_photo_count(sessions: sessionmaker[Session], model_version: str, users: Sequence[str]) -> int:
+    """Photos the job would visit, for a progress bar."""
+    with sessions() as session:
+        found = [repo.find_user(session, name) for name in users]
+        return sum(len(repo.photos_of_other_models(session, u.id, model_version)) for u in found if u)
+
+
+def reembed_user(sessions: sessionmaker[Session], pipeline, store: Path, name: str, summary: ReembedSummary, *,
+                 batch_size: int, max_bytes: int, progress: Callable[[int], object] | None = None) -> None:
+    """Re-embed one user's stale photos, ``batch_size`` photos per pipeline call."""
+    version = pipeline.model_version
+    with sessions() as session:
+        user = repo.find_user(session, name)
+        if user is None:
+            raise LookupError(f"no user {name!r}")
+        user_id = user.id
+    after = 0
+    while True:
+        with sessions() as session:
+            page = repo.photos_of_other_models(session, user_id, version, after_id=after, limit=batch_size)
+            faces = repo.faces_of_other_models(session, user_id, [p for p, _, _ in page], version) if page else {}
+        if not page:
+            return
+        after = page[-1][0]
+        items, owners = [], []
+        for photo_id, uri, sha256 in page:
+            data = read_object(store, object_key(sha256), sha256, max_bytes)
+            if isinstance(data, str):
+                summary.failures.append((name, uri, data.split(": ", 1)[1]))  # the uri says which object
+                log.warning("cannot re-embed %s of %s: %s", uri, name, data)
+                continue
+            items.append((uri, data, np.stack([lm for _, lm in faces[photo_id]])))
+            owners.append([face_id for face_id, _ in faces[photo_id]])
+        results = pipeline.reembed(items)
+        with sessions() as session:
+            for face_ids, r in zip(owners, results, strict=True):
+                if not r.ok:
+                    summary.failures.append((name, r.key, r.error or "unknown"))
+                    log.warning("cannot re-embed %s of %s: %s", r.key, name, r.error)
+                    continue
+                repo.update_face_vectors(session, user_id, face_ids, r.faces)
+                session.commit()  # one transaction per photo
+                summary.photos += 1
+                summary.faces += len(face_ids)
+        if progress:
+            progress(len(page))
+
+
+def reembed_library(sessions: sessionmaker[Session], pipeline, store: Path, users: Sequence[str], *,
+                    batch_size: int = 32, max_bytes: int, cluster: bool = True, max_distance: float = 0.0,
+                    min_size: int = 1, progress: Callable[[int], object] | None = None) -> ReembedSummary:
+    """Re-embed the stale photos of each user (``repository.users_with_other_models`` finds them
+    all), then re-cluster the user in the new space unless ``cluster`` is off."""
+    t0 = time.perf_counter()
+    summary = ReembedSummary(pipeline.model_version)
+    for name in users:
+        reembed_user(sessions, pipeline, store, name, summary, batch_size=batch_size, max_bytes=max_bytes,
+                     progress=progress)
+        if cluster:
+            summary.clustered[name] = cluster_user(sessions, name, pipeline.model_version,
+                                                   max_distance=max_distance, min_size=min_size)
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,131 @@
+"""`facecluster reembed`: a library indexed with one embedder, then the deployment switched to
+another; the job embeds the stored faces again from the object store, in place, on SQLite and on
+the real PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from badinput import lfw_dev
+from services import bus as busmod
+from services.cli import main
+from services.publish import object_key, publish_photos
+from services.store import repository as repo
+from services.store.db import make_engine, session_factory
+from services.store.models import Face, FacePerson, Person, Photo, User
+
+MAX_BYTES = 50 * 1024 * 1024
+
+
+def library(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """Three photos each of three LFW-dev people, uploaded for ann, and one of them for bob:
+    (ann's folder, the object store, the people)."""
+    people = [d for d in sorted((lfw_dev() / "images").iterdir()) if len(list(d.iterdir())) >= 3][:3]
+    folder, store = tmp_path / "ann", tmp_path / "objects"
+    folder.mkdir()
+    for d in people:
+        for f in sorted(d.iterdir())[:3]:
+            Image.open(f).save(folder / f.name)
+    bus = busmod.connect(f"memory://reembed-{uuid.uuid4().hex}")
+    bus.ensure_topics()
+    files = sorted(folder.iterdir())
+    assert publish_photos(bus, store, "ann", [(f.name, f) for f in files], max_bytes=MAX_BYTES).published == 9
+    (tmp_path / "bob").mkdir()
+    (tmp_path / "bob" / files[0].name).write_bytes(files[0].read_bytes())
+    bus.close()
+    return folder, store, [d.name for d in people]
+
+
+def test_reembed_job_rewrites_stale_faces_keeps_names_and_survives_lost_objects(tmp_path, empty_db_url,
+                                                                               monkeypatch, capsys):
+    folder, store, people = library(tmp_path)
+    url = empty_db_url
+    assert main(["index", str(folder), "--db", url, "--user", "ann", "--threads", "2"]) == 0
+    assert main(["index", str(tmp_path / "bob"), "--db", url, "--user", "bob", "--threads", "2"]) == 0
+    assert main(["cluster", "--db", url, "--user", "ann"]) == 0
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+
+    def faces(user: str) -> dict[int, tuple[str, str, bytes | None]]:
+        with sessions() as s:
+            return {f.id: (uri, f.model_version, f.embedding) for f, uri in s.execute(
+                sa.select(Face, Photo.uri).join(Photo, Photo.id == Face.photo_id)
+                .join(User, User.id == Face.user_id).where(User.name == user))}
+
+    def album(name: str) -> set[str]:
+        with sessions() as s:
+            return set(s.scalars(sa.select(Photo.uri).join(Face, Face.photo_id == Photo.id)
+                                 .join(FacePerson, FacePerson.face_id == Face.id)
+                                 .join(Person, Person.id == FacePerson.person_id).where(Person.name == name)))
+
+    with sessions() as s:
+        ann = repo.find_user(s, "ann")
+        first = s.execute(sa.select(FacePerson.person_id).join(Face, Face.id == FacePerson.face_id)
+                          .join(Photo, Photo.id == Face.photo_id).where(Photo.uri.startswith(people[0]))).first()
+        repo.rename_person(s, ann.id, first.person_id, "Zoe")
+        s.commit()
+    before, bob_before, named = faces("ann"), faces("bob"), album("Zoe")
+    assert {v for _, v, _ in before.values()} == {"sface-2021dec"} and len(named) == 3
+
+    # one object lost, one overwritten by other bytes: those photos must keep what they have
+    uris = sorted({uri for uri, _, _ in before.values()})
+    with sessions() as s:
+        sha = dict(s.execute(sa.select(Photo.uri, Photo.sha256).where(Photo.user_id == ann.id)).all())
+    lost, swapped = uris[-1], uris[-2]
+    (store / object_key(sha[lost])).unlink()
+    (store / object_key(sha[swapped])).write_bytes((folder / uris[0]).read_bytes())
+
+    monkeypatch.setenv("FACECLUSTER_EMBEDDER", "w600k-mbf")
+    monkeypatch.setenv("FACECLUSTER_OBJECT_STORE", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="no object store at .*nowhere"):
+        main(["reembed", "--db", url])
+    monkeypatch.setenv("FACECLUSTER_OBJECT_STORE", str(store))
+    with pytest.raises(SystemExit, match="no user 'carl'"):
+        main(["reembed", "--db", url, "--user", "carl"])
+    capsys.readouterr()
+    assert main(["reembed", "--db", url, "--user", "ann", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "re-embedded 7 photos" in out and "with w600k-mbf" in out and "2 kept their old vectors" in out, out
+    assert "not re-embedded: 1 x file not found" in out and "1 x bytes do not match their sha256" in out, out
+
+    after = faces("ann")
+    assert after.keys() == before.keys()  # the same faces: none added, none dropped
+    for face_id, (uri, version, vector) in after.items():
+        if uri in (lost, swapped):
+            assert (version, vector) == before[face_id][1:]  # untouched
+        else:
+            assert version == "w600k-mbf" and vector != before[face_id][2]
+    assert faces("bob") == bob_before  # another user's library is not this run's
+    assert album("Zoe") == named  # re-clustered in the new space, the named person holds the same photos
+    with sessions() as s:
+        assert repo.users_with_other_models(s, "w600k-mbf") == ["ann", "bob"]
+
+    # the re-embedded vectors are those a fresh index with w600k-mbf stores
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert main(["index", str(folder), "--db", fresh, "--user", "ann", "--threads", "2"]) == 0
+    fresh_engine = sa.create_engine(fresh)
+    with fresh_engine.connect() as c:
+        want = {(uri, i): np.frombuffer(e, "<f4") for uri, i, e in c.execute(
+            sa.select(Photo.uri, Face.face_index, Face.embedding).join(Face, Face.photo_id == Photo.id)
+            .where(Face.embedding.is_not(None)))}
+    fresh_engine.dispose()
+    with sessions() as s:
+        got = {(uri, i): np.frombuffer(e, "<f4") for uri, i, e in s.execute(
+            sa.select(Photo.uri, Face.face_index, Face.embedding).join(Face, Face.photo_id == Photo.id)
+            .where(Face.user_id == ann.id, Face.model_version == "w600k-mbf", Face.embedding.is_not(None)))}
+    assert len(got) >= 7 and got.keys() <= want.keys()
+    assert min(float(got[k] @ want[k]) for k in got) > 0.999
+
+    # a second run visits only what is still stale: the two photos whose bytes are gone
+    (store / object_key(sha[lost])).write_bytes((folder / lost).read_bytes())  # restored from a backup
+    assert main(["reembed", "--db", url, "--user", "ann", "--no-cluster", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "re-embedded 1 photos" in out and "1 kept their old vectors" in out, out
+    assert {v for uri, v, _ in faces("ann").values() if uri != swapped} == {"w600k-mbf"}
+    engine.dispose()
