@@ -123,6 +123,7 @@ def cmd_reembed(args):
 
     from facecore.pipeline import FacePipeline
 
+    from .bus import connect
     from .reembed import reembed_library, stale_photo_count
     from .store import repository as repo
 
@@ -132,6 +133,8 @@ def cmd_reembed(args):
                          "photos back from it; a library indexed from a folder is re-embedded by "
                          "`facecluster index DIR` with the new embedder")
     sessions = _sessions(settings)
+    bus = connect(settings.bus_url)
+    bus.ensure_topics()
     pipeline = FacePipeline(settings)
     try:
         users = args.users
@@ -140,7 +143,7 @@ def cmd_reembed(args):
                 users = repo.users_with_other_models(session, pipeline.model_version)
         log.info("re-embedding the faces of %d users with %s", len(users), pipeline.model_version)
         with _progress(stale_photo_count(sessions, pipeline.model_version, users), "re-embedding") as bar:
-            summary = reembed_library(sessions, pipeline, settings.object_store, users,
+            summary = reembed_library(sessions, pipeline, settings.object_store, bus, users,
                                       batch_size=settings.batch_size, max_bytes=settings.max_bytes,
                                       cluster=not args.no_cluster, max_distance=settings.cluster_threshold,
                                       min_size=settings.min_cluster_size, progress=bar.update)
@@ -148,6 +151,7 @@ def cmd_reembed(args):
         raise SystemExit(str(e)) from None
     finally:
         pipeline.close()
+        bus.close()
     print(f"re-embedded {summary.photos} photos ({summary.faces} faces) of {len(users)} users with "
           f"{summary.model_version} in {summary.seconds:.1f}s; {len(summary.failures)} kept their old vectors")
     for reason, n in Counter(reason for _, _, reason in summary.failures).most_common():

@@ -8,7 +8,9 @@ stale photo back from the object store, embeds its stored faces again at their s
 (``FacePipeline.reembed``) and rewrites only what the embedder decides, one transaction per
 photo. Face ids stay, and with them every person link, name and hidden flag. Each user is then
 re-clustered in the new space (``services.clustering``), which maps the new clusters onto the
-existing persons.
+existing persons, and only then are the user's re-embedded photos announced on ``faces.indexed``:
+a cluster worker that cached the user's faces meanwhile meets faces that are already in persons
+and reads the user again, instead of filing later uploads against a cache without them.
 
 A photo whose bytes are gone or no longer decode keeps its old vectors and is reported; the run
 goes on. Pages are walked by photo id, so a failure is not retried in the same run, and a run
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import bus as busmod
 from .clustering import ClusterSummary, cluster_user
 from .publish import object_key, read_object
 from .store import repository as repo
@@ -55,21 +58,22 @@ def stale_photo_count(sessions: sessionmaker[Session], model_version: str, users
 
 
 def reembed_user(sessions: sessionmaker[Session], pipeline, store: Path, name: str, summary: ReembedSummary, *,
-                 batch_size: int, max_bytes: int, progress: Callable[[int], object] | None = None) -> None:
-    """Re-embed one user's stale photos, ``batch_size`` photos per pipeline call."""
+                 batch_size: int, max_bytes: int, progress: Callable[[int], object] | None = None) -> list[dict]:
+    """Re-embed one user's stale photos, ``batch_size`` photos per pipeline call; returns the
+    ``faces.indexed`` events of the photos re-embedded."""
     version = pipeline.model_version
     with sessions() as session:
         user = repo.find_user(session, name)
         if user is None:
             raise LookupError(f"no user {name!r}")
         user_id = user.id
-    after = 0
+    events, after = [], 0
     while True:
         with sessions() as session:
             page = repo.photos_of_other_models(session, user_id, version, after_id=after, limit=batch_size)
             faces = repo.faces_of_other_models(session, user_id, [p for p, _, _ in page], version) if page else {}
         if not page:
-            return
+            return events
         after = page[-1][0]
         items, owners = [], []
         for photo_id, uri, sha256 in page:
@@ -79,34 +83,37 @@ def reembed_user(sessions: sessionmaker[Session], pipeline, store: Path, name: s
                 log.warning("cannot re-embed %s of %s: %s", uri, name, data)
                 continue
             items.append((uri, data, np.stack([lm for _, lm in faces[photo_id]])))
-            owners.append([face_id for face_id, _ in faces[photo_id]])
+            owners.append((photo_id, sha256, [face_id for face_id, _ in faces[photo_id]]))
         results = pipeline.reembed(items)
         with sessions() as session:
-            for face_ids, r in zip(owners, results, strict=True):
+            for (photo_id, sha256, face_ids), r in zip(owners, results, strict=True):
                 if not r.ok:
                     summary.failures.append((name, r.key, r.error or "unknown"))
                     log.warning("cannot re-embed %s of %s: %s", r.key, name, r.error)
                     continue
                 repo.update_face_vectors(session, user_id, face_ids, r.faces)
                 session.commit()  # one transaction per photo
+                events.append({"user": name, "photo_id": photo_id, "sha256": sha256, "face_ids": face_ids})
                 summary.photos += 1
                 summary.faces += len(face_ids)
         if progress:
             progress(len(page))
 
 
-def reembed_library(sessions: sessionmaker[Session], pipeline, store: Path, users: Sequence[str], *,
-                    batch_size: int = 32, max_bytes: int, cluster: bool = True, max_distance: float = 0.0,
+def reembed_library(sessions: sessionmaker[Session], pipeline, store: Path, bus: busmod.Bus, users: Sequence[str],
+                    *, batch_size: int = 32, max_bytes: int, cluster: bool = True, max_distance: float = 0.0,
                     min_size: int = 1, progress: Callable[[int], object] | None = None) -> ReembedSummary:
     """Re-embed the stale photos of each user (``repository.users_with_other_models`` finds them
-    all), then re-cluster the user in the new space unless ``cluster`` is off."""
+    all), re-cluster the user in the new space unless ``cluster`` is off, then announce the
+    user's re-embedded photos on ``bus``."""
     t0 = time.perf_counter()
     summary = ReembedSummary(pipeline.model_version)
     for name in users:
-        reembed_user(sessions, pipeline, store, name, summary, batch_size=batch_size, max_bytes=max_bytes,
-                     progress=progress)
+        events = reembed_user(sessions, pipeline, store, name, summary, batch_size=batch_size,
+                              max_bytes=max_bytes, progress=progress)
         if cluster:
             summary.clustered[name] = cluster_user(sessions, name, pipeline.model_version,
                                                    max_distance=max_distance, min_size=min_size)
+        bus.publish(busmod.INDEXED, [(name, e) for e in events])
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -4,6 +4,7 @@ the real PostgreSQL."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from pathlib import Path
 
@@ -23,16 +24,16 @@ from services.store.models import Face, FacePerson, Person, Photo, User
 MAX_BYTES = 50 * 1024 * 1024
 
 
-def library(tmp_path: Path) -> tuple[Path, Path, list[str]]:
-    """Three photos each of three LFW-dev people, uploaded for ann, and one of them for bob:
-    (ann's folder, the object store, the people)."""
-    people = [d for d in sorted((lfw_dev() / "images").iterdir()) if len(list(d.iterdir())) >= 3][:3]
+def library(tmp_path: Path, bus_url: str = "") -> tuple[Path, Path, list[str]]:
+    """Three photos each of three LFW-dev people with five or more, uploaded for ann, and one of
+    them for bob: (ann's folder, the object store, the people)."""
+    people = [d for d in sorted((lfw_dev() / "images").iterdir()) if len(list(d.iterdir())) >= 5][:3]
     folder, store = tmp_path / "ann", tmp_path / "objects"
     folder.mkdir()
     for d in people:
         for f in sorted(d.iterdir())[:3]:
             Image.open(f).save(folder / f.name)
-    bus = busmod.connect(f"memory://reembed-{uuid.uuid4().hex}")
+    bus = busmod.connect(bus_url or f"memory://reembed-{uuid.uuid4().hex}")
     bus.ensure_topics()
     files = sorted(folder.iterdir())
     assert publish_photos(bus, store, "ann", [(f.name, f) for f in files], max_bytes=MAX_BYTES).published == 9
@@ -129,3 +130,79 @@ def test_reembed_job_rewrites_stale_faces_keeps_names_and_survives_lost_objects(
     assert "re-embedded 1 photos" in out and "1 kept their old vectors" in out, out
     assert {v for uri, v, _ in faces("ann").values() if uri != swapped} == {"w600k-mbf"}
     engine.dispose()
+
+
+def test_cluster_worker_files_later_uploads_under_the_persons_the_job_kept(tmp_path, empty_db_url, monkeypatch):
+    """A cluster worker that cached a user's new-model faces before the job ran must not file
+    later uploads against that cache: the job announces what it re-embedded after re-clustering,
+    the worker meets faces already in persons, reads the user again, and the next photo of the
+    named person joins her instead of starting a new person."""
+    from services.cluster_worker.worker import ClusterWorker
+
+    bus_url = f"memory://reembed-{uuid.uuid4().hex}"
+    folder, store, people = library(tmp_path, bus_url)
+    url = empty_db_url
+    assert main(["index", str(folder), "--db", url, "--user", "ann", "--threads", "2"]) == 0
+    assert main(["cluster", "--db", url, "--user", "ann"]) == 0
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+    with sessions() as s:
+        ann = repo.find_user(s, "ann")
+        zoe = s.execute(sa.select(FacePerson.person_id).join(Face, Face.id == FacePerson.face_id)
+                        .join(Photo, Photo.id == Face.photo_id).where(Photo.uri.startswith(people[0]))).first()[0]
+        repo.rename_person(s, ann.id, zoe, "Zoe")
+        s.commit()
+
+    monkeypatch.setenv("FACECLUSTER_EMBEDDER", "w600k-mbf")
+    monkeypatch.setenv("FACECLUSTER_OBJECT_STORE", str(store))
+    monkeypatch.setenv("FACECLUSTER_BUS_URL", bus_url)
+    bus = busmod.connect(bus_url)
+    worker = ClusterWorker(bus, sessions, threading.Event())
+    consumer = bus.consumer(busmod.INDEXED, "cluster", max_records=100)
+
+    def upload(n: int) -> None:
+        """Index Zoe's n-th photo with the new embedder and announce it, as the ingest worker does."""
+        photo = sorted((lfw_dev() / "images" / people[0]).iterdir())[n]
+        one = tmp_path / f"upload{n}"
+        one.mkdir()
+        (one / photo.name).write_bytes(photo.read_bytes())
+        assert main(["index", str(one), "--db", url, "--user", "ann", "--threads", "2"]) == 0
+        with sessions() as s:
+            row = s.scalar(sa.select(Photo).where(Photo.user_id == ann.id, Photo.uri == photo.name))
+            bus.publish(busmod.INDEXED, [("ann", {"user": "ann", "photo_id": row.id, "sha256": row.sha256,
+                                                  "face_ids": repo.photo_face_ids(s, ann.id, row.id)})])
+
+    def consume() -> list:
+        batch = consumer.poll(1.0)
+        worker.handle(batch)
+        consumer.commit(batch)
+        return batch
+
+    def persons() -> dict[int, set[str]]:
+        with sessions() as s:
+            out: dict[int, set[str]] = {}
+            for person, uri in s.execute(sa.select(FacePerson.person_id, Photo.uri)
+                                         .join(Face, Face.id == FacePerson.face_id)
+                                         .join(Photo, Photo.id == Face.photo_id).where(Face.user_id == ann.id)):
+                out.setdefault(person, set()).add(uri)
+            return out
+
+    upload(3)
+    assert len(consume()) == 1  # the worker now caches ann's w600k-mbf faces: that one photo's
+    assert main(["reembed", "--db", url, "--user", "ann", "--threads", "2"]) == 0
+    after_job = persons()
+    assert sum(p.startswith(people[0]) for p in after_job[zoe]) == 4  # re-clustered: the upload joined Zoe
+    assert len(consume()) == 9  # the job's announcements, one per re-embedded photo
+    with sessions() as s:
+        zoes_faces = {f for f, p in repo.face_links(s, ann.id).items() if p == zoe}
+    assert set(worker.users["ann"].assigned_ids.tolist()) >= zoes_faces  # read again, not dropped
+
+    upload(4)
+    assert len(consume()) == 1
+    final = persons()
+    assert final.keys() == after_job.keys()  # no new person
+    assert sum(p.startswith(people[0]) for p in final[zoe]) == 5
+    consumer.close()
+    bus.close()
+    engine.dispose()
+

@@ -13,7 +13,8 @@ them; it keeps the user's faces in memory while it owns the partition and forget
 the partition is revoked (another worker will change them). Writes go through the repository
 (auto links, new persons) in one transaction per user and batch. Every step is idempotent: a
 face already linked is skipped, and the cache is rebuilt from the database after a restart or
-whenever the database disagrees with it (a user merged or deleted a person meanwhile).
+whenever the database disagrees with it (a user merged or deleted a person meanwhile, or an
+event brings faces that a batch re-cluster or the re-embedding job already put in persons).
 
 Run: ``python -m services.cluster_worker``. The batch job (``facecluster cluster``) can still
 re-cluster a user from scratch; this worker then carries on from its result.
@@ -144,6 +145,11 @@ class ClusterWorker:
                 if state is None or state.model_version != version:
                     state = _UserFaces.load(session, user.id, partition, version)
                 new = ~np.isin(ids[rows], state.assigned_ids)
+                if new.any() and repo.linked_faces(session, user.id, ids[rows][new].tolist()):
+                    # Faces in persons the cache does not know: a batch re-cluster or a re-embedding
+                    # linked them behind its back, so it reads the user again.
+                    state = _UserFaces.load(session, user.id, partition, version)
+                    new = ~np.isin(ids[rows], state.assigned_ids)
                 new_ids, new_x = ids[rows][new], x[rows][new]
                 photo_of = repo.face_photo_ids(session, user.id, [*new_ids.tolist(), *state.unassigned])
                 wanted = self._assign(state, new_ids, new_x, photo_of)

@@ -537,6 +537,13 @@ def face_links(session: Session, user_id: int) -> dict[int, int]:
         .join(Person, Person.id == FacePerson.person_id).where(Person.user_id == user_id)).all())
 
 
+def linked_faces(session: Session, user_id: int, face_ids: Collection[int]) -> set[int]:
+    """Those of ``face_ids`` that belong to a person of the user."""
+    return set(session.scalars(
+        sa.select(FacePerson.face_id).join(Person, Person.id == FacePerson.person_id)
+        .where(Person.user_id == user_id, FacePerson.face_id.in_(list(face_ids)))))
+
+
 def _unlinked_faces(session: Session, user_id: int, face_ids: Collection[int]) -> set[int]:
     return set(session.scalars(sa.select(Face.id).where(
         Face.user_id == user_id, Face.id.in_(list(face_ids)), ~sa.exists().where(FacePerson.face_id == Face.id))))
