@@ -1,11 +1,13 @@
 """`facecluster reembed`: a library indexed with one embedder, then the deployment switched to
-another; the job embeds the stored faces again from the object store, in place, on SQLite and on
-the real PostgreSQL."""
+another; the job embeds the stored faces again from the object store, in place. Each test runs on
+the embedded default (SQLite, in-process bus) and on the real PostgreSQL and Kafka."""
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,25 @@ from services.store.models import Face, FacePerson, Person, Photo, User
 MAX_BYTES = 50 * 1024 * 1024
 
 
-def library(tmp_path: Path, bus_url: str = "") -> tuple[Path, Path, list[str]]:
+@pytest.fixture
+def bus_url(empty_db_url, request) -> Iterator[str]:
+    """The bus that goes with the database: in-process with SQLite, the real Kafka with PostgreSQL
+    (a topic namespace of the test's own, deleted afterwards)."""
+    if empty_db_url.startswith("sqlite"):
+        yield f"memory://reembed-{uuid.uuid4().hex}"
+        return
+    url = f"kafka://{request.getfixturevalue('kafka_bootstrap')}/t{uuid.uuid4().hex[:10]}"
+    yield url
+    bus = busmod.connect(url)
+    admin = bus._admin()
+    try:
+        admin.delete_topics([bus._name(t) for t in busmod.TOPICS], raise_errors=False)
+    finally:
+        admin.close()
+        bus.close()
+
+
+def library(tmp_path: Path, bus_url: str) -> tuple[Path, Path, list[str]]:
     """Three photos each of three LFW-dev people with five or more, uploaded for ann, and one of
     them for bob: (ann's folder, the object store, the people)."""
     people = [d for d in sorted((lfw_dev() / "images").iterdir()) if len(list(d.iterdir())) >= 5][:3]
@@ -33,7 +53,7 @@ def library(tmp_path: Path, bus_url: str = "") -> tuple[Path, Path, list[str]]:
     for d in people:
         for f in sorted(d.iterdir())[:3]:
             Image.open(f).save(folder / f.name)
-    bus = busmod.connect(bus_url or f"memory://reembed-{uuid.uuid4().hex}")
+    bus = busmod.connect(bus_url)
     bus.ensure_topics()
     files = sorted(folder.iterdir())
     assert publish_photos(bus, store, "ann", [(f.name, f) for f in files], max_bytes=MAX_BYTES).published == 9
@@ -43,9 +63,9 @@ def library(tmp_path: Path, bus_url: str = "") -> tuple[Path, Path, list[str]]:
     return folder, store, [d.name for d in people]
 
 
-def test_reembed_job_rewrites_stale_faces_keeps_names_and_survives_lost_objects(tmp_path, empty_db_url,
+def test_reembed_job_rewrites_stale_faces_keeps_names_and_survives_lost_objects(tmp_path, empty_db_url, bus_url,
                                                                                monkeypatch, capsys):
-    folder, store, people = library(tmp_path)
+    folder, store, people = library(tmp_path, bus_url)
     url = empty_db_url
     assert main(["index", str(folder), "--db", url, "--user", "ann", "--threads", "2"]) == 0
     assert main(["index", str(tmp_path / "bob"), "--db", url, "--user", "bob", "--threads", "2"]) == 0
@@ -83,6 +103,7 @@ def test_reembed_job_rewrites_stale_faces_keeps_names_and_survives_lost_objects(
     (store / object_key(sha[swapped])).write_bytes((folder / uris[0]).read_bytes())
 
     monkeypatch.setenv("FACECLUSTER_EMBEDDER", "w600k-mbf")
+    monkeypatch.setenv("FACECLUSTER_BUS_URL", bus_url)
     monkeypatch.setenv("FACECLUSTER_OBJECT_STORE", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="no object store at .*nowhere"):
         main(["reembed", "--db", url])
@@ -132,14 +153,14 @@ def test_reembed_job_rewrites_stale_faces_keeps_names_and_survives_lost_objects(
     engine.dispose()
 
 
-def test_cluster_worker_files_later_uploads_under_the_persons_the_job_kept(tmp_path, empty_db_url, monkeypatch):
+def test_cluster_worker_files_later_uploads_under_the_persons_the_job_kept(tmp_path, empty_db_url, bus_url,
+                                                                          monkeypatch):
     """A cluster worker that cached a user's new-model faces before the job ran must not file
     later uploads against that cache: the job announces what it re-embedded after re-clustering,
     the worker meets faces already in persons, reads the user again, and the next photo of the
     named person joins her instead of starting a new person."""
     from services.cluster_worker.worker import ClusterWorker
 
-    bus_url = f"memory://reembed-{uuid.uuid4().hex}"
     folder, store, people = library(tmp_path, bus_url)
     url = empty_db_url
     assert main(["index", str(folder), "--db", url, "--user", "ann", "--threads", "2"]) == 0
@@ -172,11 +193,16 @@ def test_cluster_worker_files_later_uploads_under_the_persons_the_job_kept(tmp_p
             bus.publish(busmod.INDEXED, [("ann", {"user": "ann", "photo_id": row.id, "sha256": row.sha256,
                                                   "face_ids": repo.photo_face_ids(s, ann.id, row.id)})])
 
-    def consume() -> list:
-        batch = consumer.poll(1.0)
-        worker.handle(batch)
-        consumer.commit(batch)
-        return batch
+    def consume(want: int) -> int:
+        """Hand the worker batches until ``want`` events are through; how many there were."""
+        seen, deadline = 0, time.monotonic() + 60
+        while seen < want and time.monotonic() < deadline:
+            batch = consumer.poll(1.0)
+            worker.handle(batch)
+            assert consumer.commit(batch)
+            seen += len(batch)
+        assert bus.pending(busmod.INDEXED, "cluster") == 0
+        return seen
 
     def persons() -> dict[int, set[str]]:
         with sessions() as s:
@@ -188,17 +214,17 @@ def test_cluster_worker_files_later_uploads_under_the_persons_the_job_kept(tmp_p
             return out
 
     upload(3)
-    assert len(consume()) == 1  # the worker now caches ann's w600k-mbf faces: that one photo's
+    assert consume(1) == 1  # the worker now caches ann's w600k-mbf faces: that one photo's
     assert main(["reembed", "--db", url, "--user", "ann", "--threads", "2"]) == 0
     after_job = persons()
     assert sum(p.startswith(people[0]) for p in after_job[zoe]) == 4  # re-clustered: the upload joined Zoe
-    assert len(consume()) == 9  # the job's announcements, one per re-embedded photo
+    assert consume(9) == 9  # the job's announcements, one per re-embedded photo
     with sessions() as s:
         zoes_faces = {f for f, p in repo.face_links(s, ann.id).items() if p == zoe}
     assert set(worker.users["ann"].assigned_ids.tolist()) >= zoes_faces  # read again, not dropped
 
     upload(4)
-    assert len(consume()) == 1
+    assert consume(1) == 1
     final = persons()
     assert final.keys() == after_job.keys()  # no new person
     assert sum(p.startswith(people[0]) for p in final[zoe]) == 5
