@@ -114,8 +114,8 @@ def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_na
         return results, todo, stale
 
     def reembed(stale: list[tuple[str, bytes, list]]) -> None:
-        t = time.perf_counter()
         done = pipeline.reembed([(uri, data, np.stack([lm for _, lm in faces])) for uri, data, faces in stale])
+        t = time.perf_counter()  # the models' stages are the pipeline's to time
         with sessions() as session:
             for (uri, _, faces), r in zip(stale, done):
                 if not r.ok:  # the same bytes decoded before; keep what is stored
@@ -124,7 +124,7 @@ def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_na
                 repo.update_face_vectors(session, user_id, [face_id for face_id, _ in faces], r.faces)
                 session.commit()  # one transaction per photo, as for new ones
                 summary.reembedded += 1
-        own["reembed"] = own.get("reembed", 0.0) + time.perf_counter() - t
+        own["store"] += time.perf_counter() - t
 
     def store(results: list[PhotoResult], size: int) -> None:
         t = time.perf_counter()

@@ -132,14 +132,18 @@ class FacePipeline:
         all, stays valid; only what the embedder decides is made again. Boxes and detection
         scores are not (NaN here): the stored ones stand.
         """
+        t = time.perf_counter()
         results, good = self._decode([(key, src) for key, src, _ in items])
+        t = self.timer.add("decode", t)
         marks = {key: np.asarray(lm, np.float32).reshape(-1, 5, 2) for key, _, lm in items}
         crops, owners = [], []
         for r, d in good:
             lm = marks[r.key] / d.scale
             nan = np.full(len(lm), np.nan, np.float32)
             self._add_faces(r, d, lm, np.full((len(lm), 4), np.nan, np.float32), nan, crops, owners)
+        t = self.timer.add("align+blur", t)
         self._embed(owners, crops)
+        self.timer.add("embed", t)
         return results
 
     def _decode(self, items: Sequence[tuple[str, str | os.PathLike | bytes]]
