@@ -37,6 +37,8 @@ $mbf .venv/bin/facecluster verify --root "$lfw/images" --pairs "$lfw/pairs.txt" 
     --threads 2 > "$out/verify_mbf.txt"
 $py ../shared/bench/lfw_score.py pairs "$lfw/pairs.txt" "$out/verify_mbf.tsv" >> "$out/verify_mbf.txt"
 $mbf $py benchmarks/speed_ab.py --photos 320 --rounds 3 > "$out/speed_ab_mbf.txt"
+# switching the SFace library above to it in place: `facecluster reembed` from an object store
+$py benchmarks/reembed.py --library "$out/product.db" --out "$out" --embedder w600k-mbf > "$out/reembed.txt"
 $py benchmarks/calibrate_blur.py --limit 1500 > "$out/blur_calibration.json"
 (cd benchmarks && ../$py tune_cluster.py --db "sqlite:///../$out/product.db" --user bench \
     --average 0.5 0.53 0.55 0.56 0.57 0.58 0.6 --dbscan 0.4 > "../$out/cluster_sweep.txt")
