@@ -79,6 +79,23 @@ def load_run(url: str, user: str) -> tuple[list[dict], dict[int, np.ndarray]]:
     return rows, dict(zip(ids.tolist(), x))
 
 
+def score_library(url: str, user: str, prefix: Path, data: Path) -> dict:
+    """Export a user's LFW-dev library as PREFIX_faces.csv and its central faces' pair scores as
+    PREFIX_scores.tsv, and score both with the scorer (also written to PREFIX_score.json)."""
+    rows, vectors = load_run(url, user)
+    with open(f"{prefix}_faces.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    central = {p: vectors[f] for p, f in central_faces(rows, set(vectors), data / "images").items()}
+    scores = pair_scores(read_pairs(data / "pairs.txt"), central, central)
+    Path(f"{prefix}_scores.tsv").write_text("score\n" + "".join(f"{s:.6f}\n" for s in scores))
+    result = {"verification": score_pairs(Path(f"{prefix}_scores.tsv"), data),
+              "clustering": score_clusters(Path(f"{prefix}_faces.csv"), data)}
+    Path(f"{prefix}_score.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -126,18 +143,7 @@ def main() -> None:
         cs = cluster_user(sessions, "bench", pipeline.model_version)
         timing["cluster_s"] = time.perf_counter() - t
         timing["clusters"] = cs.clusters
-        rows, vectors = load_run(settings.database_url, "bench")
-        with open(f"{prefix}_faces.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        central = {p: vectors[f] for p, f in central_faces(rows, set(vectors), images).items()}
-        scores = pair_scores(read_pairs(args.data / "pairs.txt"), central, central)
-        Path(f"{prefix}_scores.tsv").write_text("score\n" + "".join(f"{s:.6f}\n" for s in scores))
-        result = {"verification": score_pairs(Path(f"{prefix}_scores.tsv"), args.data),
-                  "clustering": score_clusters(Path(f"{prefix}_faces.csv"), args.data)}
-        Path(f"{prefix}_score.json").write_text(json.dumps(result, indent=1))
-        print(json.dumps(result))
+        print(json.dumps(score_library(settings.database_url, "bench", prefix, args.data)))
     Path(f"{prefix}_timing.json").write_text(json.dumps(timing, indent=1))
     print(json.dumps(timing))
 

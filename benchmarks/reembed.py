@@ -13,7 +13,6 @@ be compared with a fresh index made with that embedder.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -27,7 +26,6 @@ import sqlalchemy as sa
 
 from facecore.pipeline import FacePipeline
 from facecore.settings import load_settings
-from facecore.verify import read_pairs
 from services import bus as busmod
 from services.indexing import folder_items
 from services.publish import publish_photos
@@ -35,8 +33,8 @@ from services.reembed import reembed_library
 from services.store.db import make_engine, session_factory
 from services.store.models import Face
 
-from product import FIELDS, central_faces, load_run, pair_scores
-from score import DEFAULT_DATA, score_clusters, score_pairs
+from product import score_library
+from score import DEFAULT_DATA
 
 
 def main() -> None:
@@ -91,19 +89,7 @@ def main() -> None:
     Path(f"{prefix}_timing.json").write_text(json.dumps(timing, indent=1))
     print(json.dumps(timing))
 
-    rows, vectors = load_run(url, "bench")
-    with open(f"{prefix}_faces.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    central = {p: vectors[f] for p, f in central_faces(rows, set(vectors), args.data / "images").items()}
-    scores = pair_scores(read_pairs(args.data / "pairs.txt"), central, central)
-    Path(f"{prefix}_scores.tsv").write_text("score\n" + "".join(f"{s:.6f}\n" for s in scores))
-    result = {"verification": score_pairs(Path(f"{prefix}_scores.tsv"), args.data),
-              "clustering": score_clusters(Path(f"{prefix}_faces.csv"), args.data)}
-    Path(f"{prefix}_score.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-
+    print(json.dumps(score_library(url, "bench", prefix, args.data)))
 
 if __name__ == "__main__":
     main()
