@@ -91,7 +91,8 @@ def reembed_user(sessions: sessionmaker[Session], pipeline, store: Path, name: s
                     summary.failures.append((name, r.key, r.error or "unknown"))
                     log.warning("cannot re-embed %s of %s: %s", r.key, name, r.error)
                     continue
-                repo.update_face_vectors(session, user_id, face_ids, r.faces)
+                if not repo.update_face_vectors(session, user_id, face_ids, r.faces):
+                    continue  # the photo was deleted meanwhile
                 session.commit()  # one transaction per photo
                 events.append({"user": name, "photo_id": photo_id, "sha256": sha256, "face_ids": face_ids})
                 summary.photos += 1
@@ -111,6 +112,10 @@ def reembed_library(sessions: sessionmaker[Session], pipeline, store: Path, bus:
     for name in users:
         events = reembed_user(sessions, pipeline, store, name, summary, batch_size=batch_size,
                               max_bytes=max_bytes, progress=progress)
+        with sessions() as session:
+            if repo.find_user(session, name) is None:  # deleted meanwhile: nothing to file, no one to recreate
+                log.info("user %s was deleted while being re-embedded", name)
+                continue
         if cluster:
             summary.clustered[name] = cluster_user(sessions, name, pipeline.model_version,
                                                    max_distance=max_distance, min_size=min_size)

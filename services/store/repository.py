@@ -152,12 +152,13 @@ def photos_of_other_models(session: Session, user_id: int, model_version: str, *
     return [tuple(r) for r in session.execute(query)]
 
 
-def update_face_vectors(session: Session, user_id: int, face_ids: Sequence[int], faces: Sequence[FaceRecord]) -> None:
+def update_face_vectors(session: Session, user_id: int, face_ids: Sequence[int], faces: Sequence[FaceRecord]) -> int:
     """Rewrite what the embedder decides (embedding, version, trash verdict, attributes) of
-    stored faces, keeping the faces themselves and every link to them."""
-    for face_id, face in zip(face_ids, faces, strict=True):
-        session.execute(sa.update(Face).where(Face.id == face_id, Face.user_id == user_id)
-                        .values(**_embedder_columns(face)))
+    stored faces, keeping the faces themselves and every link to them; returns how many of
+    them were still there to rewrite."""
+    return sum(session.execute(sa.update(Face).where(Face.id == face_id, Face.user_id == user_id)
+                               .values(**_embedder_columns(face))).rowcount
+               for face_id, face in zip(face_ids, faces, strict=True))
 
 
 @dataclass(frozen=True)

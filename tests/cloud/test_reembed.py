@@ -232,3 +232,42 @@ def test_cluster_worker_files_later_uploads_under_the_persons_the_job_kept(tmp_p
     bus.close()
     engine.dispose()
 
+
+
+def test_a_user_deleted_while_being_reembedded_stays_deleted(tmp_path, empty_db_url, bus_url):
+    """The user is deleted after the job's first page: the job stops re-embedding them, neither
+    re-clusters nor announces anything for them, and does not bring the user back."""
+    from facecore.pipeline import FacePipeline
+    from facecore.settings import load_settings
+    from services.reembed import reembed_library
+
+    folder, store, _ = library(tmp_path, bus_url)
+    assert main(["index", str(folder), "--db", empty_db_url, "--user", "ann", "--threads", "2"]) == 0
+    engine = make_engine(empty_db_url)
+    sessions = session_factory(engine)
+    pipeline = FacePipeline(load_settings(database_url=empty_db_url, threads=2, embedder="w600k-mbf"))
+    pages = []
+
+    def reembed_then_delete(items):
+        pages.append(len(items))
+        done = FacePipeline.reembed(pipeline, items)
+        with sessions() as s:
+            repo.delete_user(s, repo.find_user(s, "ann").id)
+            s.commit()
+        return done
+
+    pipeline.reembed = reembed_then_delete
+    bus = busmod.connect(bus_url)
+    consumer = bus.consumer(busmod.INDEXED, "check", max_records=100)
+    try:
+        summary = reembed_library(sessions, pipeline, store, bus, ["ann"], batch_size=4, max_bytes=MAX_BYTES)
+        assert pages == [4] and summary.photos == 0 and not summary.clustered
+        with sessions() as s:
+            assert repo.find_user(s, "ann") is None
+            assert s.scalar(sa.select(sa.func.count()).select_from(Face)) == 0
+        assert bus.pending(busmod.INDEXED, "check") == 0
+    finally:
+        consumer.close()
+        bus.close()
+        pipeline.close()
+        engine.dispose()

@@ -236,7 +236,7 @@ def test_stale_faces_are_found_by_user_and_photo_and_rewritten_in_place(session,
     assert [f for f, _ in faces[mixed.id]] == mixed.face_ids  # the whole photo, in face order
 
     records = [face(i, seed=50 + i, model_version="w600k-mbf", attributes={}) for i in range(5)]
-    repo.update_face_vectors(session, user.id, ten_faces[:5], records)
+    assert repo.update_face_vectors(session, user.id, ten_faces[:5], records) == 5
     session.commit()
     rows = faces_of(session, a)
     assert [f.id for f in rows] == ten_faces[:5] and {f.model_version for f in rows} == {"w600k-mbf"}
@@ -247,7 +247,7 @@ def test_stale_faces_are_found_by_user_and_photo_and_rewritten_in_place(session,
     # another user's faces are never rewritten through this user
     bobs = repo.photos_of_other_models(session, bob.id, "w600k-mbf")[0][0]
     bob_face = faces_of(session, bobs)[0]
-    repo.update_face_vectors(session, user.id, [bob_face.id], records[:1])
+    assert repo.update_face_vectors(session, user.id, [bob_face.id], records[:1]) == 0
     session.commit()
     session.refresh(bob_face)
     assert bob_face.model_version == MODEL
