@@ -13,6 +13,7 @@ import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import TypeVar
 
@@ -173,13 +174,12 @@ class SavedPhoto:
     face_ids: list[int]
 
 
-def _insert_ignoring_conflicts(session: Session, entity):
-    """INSERT ... ON CONFLICT DO NOTHING for the dialects the project runs on.
+def _insert_ignoring_conflicts(name: str, entity):
+    """INSERT ... ON CONFLICT DO NOTHING for the dialects the project runs on (by name).
 
     Unlike an INSERT in a savepoint that may fail, it costs one statement, and on
     PostgreSQL it waits for a concurrent writer of the same key and then yields to it.
     """
-    name = session.get_bind().dialect.name
     if name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif name == "sqlite":
@@ -187,6 +187,21 @@ def _insert_ignoring_conflicts(session: Session, entity):
     else:
         raise NotImplementedError(f"no conflict-ignoring insert for {name}")
     return insert(entity).on_conflict_do_nothing()
+
+
+# The statements of storing a new photo are built once: building them per photo cost more
+# CPU than running them (docs/BENCHMARKS.md).
+@lru_cache(maxsize=None)
+def _new_photo_statement(dialect: str, ok: bool):
+    """INSERT of a photo row that yields to an existing one."""
+    stmt = _insert_ignoring_conflicts(dialect, Photo.__table__)
+    return (stmt.values(indexed_at=sa.func.now()) if ok else stmt).returning(Photo.id)
+
+
+_DROP_FAILED_URI = sa.delete(Photo.__table__).where(
+    Photo.user_id == sa.bindparam("user_id"), Photo.sha256 == sa.bindparam("sha256"), Photo.status == "failed",
+    Photo.id != sa.bindparam("photo_id"))
+_INSERT_FACES = sa.insert(Face.__table__).returning(Face.id, sort_by_parameter_order=True)
 
 
 def save_photo_result(session: Session, user_id: int, uri: str, result: PhotoResult) -> SavedPhoto:
@@ -203,27 +218,25 @@ def save_photo_result(session: Session, user_id: int, uri: str, result: PhotoRes
     """
     sha256 = result.sha256 or missing_photo_sha256(uri)
     status, error = ("indexed", None) if result.ok else ("failed", result.error)
-    values = dict(uri=uri, status=status, error=error, width=result.width or None, height=result.height or None,
-                  indexed_at=sa.func.now() if result.ok else None)
-    photo_id = session.scalar(
-        _insert_ignoring_conflicts(session, Photo).values(user_id=user_id, sha256=sha256, **values)
-        .returning(Photo.id))
+    values = dict(uri=uri, status=status, error=error, width=result.width or None, height=result.height or None)
+    conn = session.connection()  # Core statements: the ORM layer costs more than the SQL here
+    photo_id = conn.scalar(_new_photo_statement(session.get_bind().dialect.name, result.ok),
+                           dict(user_id=user_id, sha256=sha256, **values))
     if photo_id is None:  # the key is taken: by this photo indexed before, or by an earlier failure
         photo = find_photo(session, user_id, sha256)
         if photo.status == "indexed":
             return SavedPhoto(photo.id, photo.uri, sha256, "indexed", None,
                               photo_face_ids(session, user_id, photo.id))
         session.execute(sa.delete(Face).where(Face.photo_id == photo.id))
-        session.execute(sa.update(Photo).where(Photo.id == photo.id).values(**values))
+        session.execute(sa.update(Photo).where(Photo.id == photo.id)
+                        .values(**values, indexed_at=sa.func.now() if result.ok else None))
         photo_id = photo.id
     face_ids: list[int] = []
     if result.ok:
-        session.execute(sa.delete(Photo).where(
-            Photo.user_id == user_id, Photo.sha256 == missing_photo_sha256(uri), Photo.status == "failed",
-            Photo.id != photo_id))
+        conn.execute(_DROP_FAILED_URI, dict(user_id=user_id, sha256=missing_photo_sha256(uri), photo_id=photo_id))
         if result.faces:
             rows = [_face_row(photo_id, user_id, face) for face in result.faces]
-            face_ids = list(session.scalars(sa.insert(Face).returning(Face.id, sort_by_parameter_order=True), rows))
+            face_ids = list(conn.scalars(_INSERT_FACES, rows))
     return SavedPhoto(photo_id, uri, sha256, status, error, face_ids)
 
 
