@@ -18,7 +18,9 @@ that stops is resumed by running it again: only stale photos are visited. A user
 were all re-embedded before a stop is re-clustered by naming it (``--user``).
 
 Run: ``facecluster reembed [--user U ...]`` (``k8s/reembed-job.yaml``), with the settings of the
-workers (``FACECLUSTER_DATABASE_URL``, ``FACECLUSTER_OBJECT_STORE``, the model settings).
+workers (``FACECLUSTER_DATABASE_URL``, ``FACECLUSTER_OBJECT_STORE``, ``FACECLUSTER_BUS_URL``, the
+model settings). If it stops between a user's re-embedding and the announcement, the cluster
+workers may file that user's next uploads against a stale cache until they restart.
 """
 
 from __future__ import annotations
