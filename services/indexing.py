@@ -116,14 +116,11 @@ def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_na
     def reembed(stale: list[tuple[str, bytes, list]]) -> None:
         done = pipeline.reembed([(uri, data, np.stack([lm for _, lm in faces])) for uri, data, faces in stale])
         t = time.perf_counter()  # the models' stages are the pipeline's to time
-        with sessions() as session:
-            for (uri, _, faces), r in zip(stale, done):
-                if not r.ok:  # the same bytes decoded before; keep what is stored
-                    log.warning("could not re-embed %s: %s", uri, r.error)
-                    continue
-                repo.update_face_vectors(session, user_id, [face_id for face_id, _ in faces], r.faces)
-                session.commit()  # one transaction per photo, as for new ones
-                summary.reembedded += 1
+        stored = store_reembedded(sessions, user_id, [[face_id for face_id, _ in faces] for _, _, faces in stale], done)
+        for r, ok in zip(done, stored):
+            if ok is None:  # the same bytes decoded before; keep what is stored
+                log.warning("could not re-embed %s: %s", r.key, r.error)
+        summary.reembedded += sum(ok is True for ok in stored)
         own["store"] += time.perf_counter() - t
 
     def store(results: list[PhotoResult], size: int) -> None:
@@ -164,6 +161,24 @@ def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_na
     summary.seconds = time.perf_counter() - t0
     summary.stage_seconds = {**own, **pipeline.timer.seconds}
     return summary
+
+
+def store_reembedded(sessions: sessionmaker[Session], user_id: int, face_ids: Sequence[Sequence[int]],
+                     results: Sequence[PhotoResult]) -> list[bool | None]:
+    """Rewrite the faces of each re-embedded photo (``FacePipeline.reembed``), one transaction per
+    photo as for new ones. Per photo: True if stored, False if its faces were deleted meanwhile,
+    None if the pipeline failed on it (its result says why; what is stored stays)."""
+    out: list[bool | None] = []
+    with sessions() as session:
+        for ids, r in zip(face_ids, results, strict=True):
+            if not r.ok:
+                out.append(None)
+            elif repo.update_face_vectors(session, user_id, ids, r.faces):
+                session.commit()
+                out.append(True)
+            else:
+                out.append(False)
+    return out
 
 
 def folder_items(root: Path, names: Iterable[str] | None = None) -> list[tuple[str, Path]]:

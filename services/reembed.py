@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import bus as busmod
 from .clustering import ClusterSummary, cluster_user
+from .indexing import store_reembedded
 from .publish import object_key, read_object
 from .store import repository as repo
 
@@ -87,15 +88,12 @@ def reembed_user(sessions: sessionmaker[Session], pipeline, store: Path, name: s
             items.append((uri, data, np.stack([lm for _, lm in faces[photo_id]])))
             owners.append((photo_id, sha256, [face_id for face_id, _ in faces[photo_id]]))
         results = pipeline.reembed(items)
-        with sessions() as session:
-            for (photo_id, sha256, face_ids), r in zip(owners, results, strict=True):
-                if not r.ok:
-                    summary.failures.append((name, r.key, r.error or "unknown"))
-                    log.warning("cannot re-embed %s of %s: %s", r.key, name, r.error)
-                    continue
-                if not repo.update_face_vectors(session, user_id, face_ids, r.faces):
-                    continue  # the photo was deleted meanwhile
-                session.commit()  # one transaction per photo
+        stored = store_reembedded(sessions, user_id, [face_ids for _, _, face_ids in owners], results)
+        for (photo_id, sha256, face_ids), r, ok in zip(owners, results, stored):
+            if ok is None:
+                summary.failures.append((name, r.key, r.error or "unknown"))
+                log.warning("cannot re-embed %s of %s: %s", r.key, name, r.error)
+            elif ok:  # (False: the photo was deleted meanwhile)
                 events.append({"user": name, "photo_id": photo_id, "sha256": sha256, "face_ids": face_ids})
                 summary.photos += 1
                 summary.faces += len(face_ids)
