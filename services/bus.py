@@ -575,15 +575,18 @@ def worker_args(prog: str, description: str, group: str, group_help: str, argv: 
 
 
 def consume(consumer: Consumer, handle: Callable[[list[Message]], None], stop: threading.Event,
-            *, poll_s: float = 1.0) -> None:
+            *, poll_s: float = 1.0, idle: Callable[[], None] | None = None) -> None:
     """Poll -> handle -> commit until ``stop`` is set; the batch in hand is always finished.
 
     ``handle`` makes its effects durable (retrying transient errors) before it returns, so the
     commit after it can never lose a message; a crash in between only causes a redelivery.
+    ``idle`` runs after each poll that brought nothing.
     """
     while not stop.is_set():
         batch = retry(lambda: consumer.poll(poll_s), "poll", stop)
         if not batch:
+            if idle is not None:
+                idle()
             continue
         handle(batch)
         retry(lambda: consumer.commit(batch), "offset commit", stop)

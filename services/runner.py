@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Callable
 
 import sqlalchemy as sa
@@ -25,11 +26,17 @@ from .bus import Bus, Message, Stopped, consume, retry
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[list[Message]], None]
-OnRevoke = Callable[[set[int]], None]
-# (bus, sessions, resources) -> (batch handler, partition-revoke hook or None); what the
-# builder opens and must be closed goes onto ``resources``
-Builder = Callable[[Bus, sessionmaker[Session], ExitStack], tuple[Handler, OnRevoke | None]]
+@dataclass(frozen=True)
+class Hooks:
+    """What a worker does with its topic."""
+
+    handle: Callable[[list[Message]], None]  # one batch, durably, before its offsets are committed
+    on_revoke: Callable[[set[int]], None] | None = None  # the partitions this member lost
+    idle: Callable[[], None] | None = None  # after a poll that brought nothing
+
+
+# (bus, sessions, resources) -> hooks; what the builder opens and must be closed goes onto ``resources``
+Builder = Callable[[Bus, sessionmaker[Session], ExitStack], Hooks]
 
 
 def migrate_database(engine: sa.Engine, stop: threading.Event) -> None:
@@ -62,14 +69,15 @@ def run_worker(settings: Settings, stop: threading.Event, topic: str, group: str
         try:
             retry(bus.ensure_topics, "topic creation", stop)
             migrate_database(engine, stop)
-            handle, on_revoke = build(bus, session_factory(engine), resources)
+            hooks = build(bus, session_factory(engine), resources)
             if stop.is_set():  # loading the models takes long enough for a rollout to change its mind
                 raise Stopped("the models to load")
-            consumer = retry(lambda: bus.consumer(topic, group, max_records=settings.batch_size, on_revoke=on_revoke),
+            consumer = retry(lambda: bus.consumer(topic, group, max_records=settings.batch_size,
+                                                  on_revoke=hooks.on_revoke),
                              "joining the consumer group", stop)
             resources.callback(consumer.close)
             worker_log.info("consuming %s as group %s (batch %d)", topic, group, settings.batch_size)
-            consume(consumer, handle, stop)
+            consume(consumer, hooks.handle, stop, idle=hooks.idle)
         except Stopped as e:
             worker_log.info("stopped while waiting for %s; the uncommitted batch will be redelivered", e)
     worker_log.info("exiting")

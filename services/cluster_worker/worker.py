@@ -12,9 +12,12 @@ Events are keyed by user, so a user's faces all arrive in one partition and one 
 them; it keeps the user's faces in memory while it owns the partition and forgets them when
 the partition is revoked (another worker will change them). Writes go through the repository
 (auto links, new persons) in one transaction per user and batch. Every step is idempotent: a
-face already linked is skipped, and the cache is rebuilt from the database after a restart or
-whenever the database disagrees with it (a user merged or deleted a person meanwhile, or an
-event brings faces that a batch re-cluster or the re-embedding job already put in persons).
+face already linked is skipped. The copy is read again after a restart, when the user's
+``clustering_revision`` moved (everyone else who changes faces, vectors or links moves it: a
+deleted photo, a merge or a moved face, a batch re-cluster, the re-embedding job), and when a
+write of its own finds the database changed under it (a person went away meanwhile). Every
+``SWEEP_S`` it also drops the copies of users deleted or changed since, busy or idle, so a
+deleted photo's or user's embeddings do not live on in its memory either.
 
 Run: ``python -m services.cluster_worker``. The batch job (``facecluster cluster``) can still
 re-cluster a user from scratch; this worker then carries on from its result.
@@ -39,14 +42,16 @@ from facecore.settings import Settings
 
 from .. import bus as busmod
 from ..bus import Bus, Message, dead_letter, retry, worker_args
-from ..runner import run_worker
+from ..runner import Hooks, run_worker
 from ..store import repository as repo
+from ..store.models import User
 
 log = logging.getLogger("facecluster.cluster_worker")
 
 GROUP = "cluster"
 TOP_K = 3
 MIN_FACES = 2
+SWEEP_S = 30.0
 
 
 @dataclass
@@ -55,17 +60,21 @@ class _UserFaces:
 
     partition: int
     model_version: str
+    revision: int  # the user's clustering_revision this copy was read at
     assigned_ids: np.ndarray  # (n,) face ids that belong to a person
     person_of: np.ndarray  # (n,) their person ids
     index: faiss.IndexFlatIP  # their embeddings, same order
     unassigned: dict[int, np.ndarray]
 
     @classmethod
-    def load(cls, session: Session, user_id: int, partition: int, model_version: str) -> _UserFaces:
-        ids, x = repo.user_embeddings(session, user_id, model_version=model_version)
-        links = repo.face_links(session, user_id)
+    def load(cls, session: Session, user: User, partition: int, model_version: str) -> _UserFaces:
+        """``user`` as read at the start of the transaction: its revision is never newer than
+        the faces read here."""
+        ids, x = repo.user_embeddings(session, user.id, model_version=model_version)
+        links = repo.face_links(session, user.id)
         linked = np.array([int(i) in links for i in ids], dtype=bool)
-        state = cls(partition, model_version, np.zeros(0, np.int64), np.zeros(0, np.int64), None, {})
+        state = cls(partition, model_version, user.clustering_revision, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                    None, {})
         if len(ids):
             state.index = faiss.IndexFlatIP(x.shape[1])
             state.add(ids[linked], np.array([links[int(i)] for i in ids[linked]], np.int64), x[linked])
@@ -88,9 +97,28 @@ class ClusterWorker:
         self.bus, self.sessions, self.stop = bus, sessions, stop
         self.max_distance, self.top_k, self.min_faces = max_distance, top_k, min_faces
         self.users: dict[str, _UserFaces] = {}
+        self._swept = time.monotonic()
 
     def cut(self, model_version: str) -> float:
         return self.max_distance or calibrated_distance(model_version)
+
+    def sweep(self, *, now: bool = False) -> None:
+        """Forget the copies of users deleted or changed since they were read (at most every
+        ``SWEEP_S`` unless ``now``); a changed one is read again with its next event."""
+        if not self.users or not (now or time.monotonic() - self._swept >= SWEEP_S):
+            return
+        def read() -> dict[str, int]:
+            with self.sessions() as session:
+                return repo.clustering_revisions(session, list(self.users))
+
+        current = retry(read, "sweeping cached users", self.stop)
+        stale = [name for name, state in self.users.items() if current.get(name) != state.revision]
+        for name in stale:
+            del self.users[name]
+        self._swept = time.monotonic()
+        if stale:
+            log.info("forgot %d of %d cached users (deleted or changed since read)", len(stale),
+                     len(self.users) + len(stale))
 
     def on_revoke(self, partitions: set[int]) -> None:
         """Forget the users of partitions another worker takes over."""
@@ -142,14 +170,10 @@ class ClusterWorker:
             for version in sorted(set(versions)):
                 rows = np.array([v == version for v in versions])
                 state = self.users.get(name)
-                if state is None or state.model_version != version:
-                    state = _UserFaces.load(session, user.id, partition, version)
+                if (state is None or state.model_version != version
+                        or state.revision != user.clustering_revision):
+                    state = _UserFaces.load(session, user, partition, version)
                 new = ~np.isin(ids[rows], state.assigned_ids)
-                if new.any() and repo.linked_faces(session, user.id, ids[rows][new].tolist()):
-                    # Faces in persons the cache does not know: a batch re-cluster or a re-embedding
-                    # linked them behind its back, so it reads the user again.
-                    state = _UserFaces.load(session, user.id, partition, version)
-                    new = ~np.isin(ids[rows], state.assigned_ids)
                 new_ids, new_x = ids[rows][new], x[rows][new]
                 photo_of = repo.face_photo_ids(session, user.id, [*new_ids.tolist(), *state.unassigned])
                 wanted = self._assign(state, new_ids, new_x, photo_of)
@@ -181,6 +205,7 @@ class ClusterWorker:
 
     def handle(self, batch: list[Message]) -> None:
         started = time.perf_counter()
+        self.sweep()
         dead = [dead_letter(m, m.error) for m in batch if m.error]
         by_user: dict[str, tuple[int, set[int]]] = {}
         for m in batch:
@@ -212,6 +237,6 @@ def main(stop: threading.Event, argv: list[str] | None = None) -> int:
     def build(bus: Bus, sessions: sessionmaker[Session], resources: ExitStack):
         worker = ClusterWorker(bus, sessions, stop, max_distance=settings.cluster_threshold,
                                top_k=args.top_k, min_faces=args.min_faces)
-        return worker.handle, worker.on_revoke
+        return Hooks(worker.handle, worker.on_revoke, worker.sweep)
 
     return run_worker(settings, stop, busmod.INDEXED, args.group, build, log)

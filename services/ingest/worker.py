@@ -32,7 +32,7 @@ from facecore.types import PhotoResult
 from .. import bus as busmod
 from ..bus import Bus, Message, dead_letter, retry, worker_args
 from ..publish import read_object
-from ..runner import run_worker
+from ..runner import Hooks, run_worker
 from ..store import repository as repo
 
 log = logging.getLogger("facecluster.ingest")
@@ -211,6 +211,6 @@ def main(stop: threading.Event, argv: list[str] | None = None) -> int:
         resources.callback(pipeline.close)
         worker = IngestWorker(settings, bus, sessions, pipeline, stop)
         resources.callback(worker.close)
-        return worker.handle, None
+        return Hooks(worker.handle)
 
     return run_worker(settings, stop, busmod.UPLOADED, args.group, build, log)

@@ -59,6 +59,9 @@ class User(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(255), nullable=False, unique=True)
     created_at: Mapped[datetime] = _created_at()
+    # Goes up whenever the user's faces, vectors or person links change by any hand other than
+    # the incremental cluster worker's, which keeps a copy of them and reads it again on a change.
+    clustering_revision: Mapped[int] = mapped_column(sa.BigInteger, nullable=False, server_default="0")
 
 
 class ApiToken(Base):

@@ -57,6 +57,22 @@ def get_or_create_user(session: Session, name: str) -> User:
     return find_user(session, name) or _insert_once(session, User(name=name), lambda: find_user(session, name))
 
 
+def touch_clustering(session: Session, user_id: int) -> None:
+    """Record that the user's faces, vectors or person links changed (``User.clustering_revision``).
+
+    Every writer of those calls it except the incremental cluster worker, whose own changes
+    are in its copy already.
+    """
+    session.execute(sa.update(User).where(User.id == user_id)
+                    .values(clustering_revision=User.clustering_revision + 1)
+                    .execution_options(synchronize_session=False))
+
+
+def clustering_revisions(session: Session, names: Collection[str]) -> dict[str, int]:
+    """user name -> ``clustering_revision`` for those of ``names`` that still exist."""
+    return dict(session.execute(sa.select(User.name, User.clustering_revision).where(User.name.in_(list(names)))).all())
+
+
 def delete_user(session: Session, user_id: int) -> None:
     """Delete the user; the schema cascades to photos, faces, embeddings, persons and tokens."""
     if session.execute(sa.delete(User).where(User.id == user_id)).rowcount == 0:
@@ -157,9 +173,12 @@ def update_face_vectors(session: Session, user_id: int, face_ids: Sequence[int],
     """Rewrite what the embedder decides (embedding, version, trash verdict, attributes) of
     stored faces, keeping the faces themselves and every link to them; returns how many of
     them were still there to rewrite."""
-    return sum(session.execute(sa.update(Face).where(Face.id == face_id, Face.user_id == user_id)
-                               .values(**_embedder_columns(face))).rowcount
-               for face_id, face in zip(face_ids, faces, strict=True))
+    rewritten = sum(session.execute(sa.update(Face).where(Face.id == face_id, Face.user_id == user_id)
+                                    .values(**_embedder_columns(face))).rowcount
+                    for face_id, face in zip(face_ids, faces, strict=True))
+    if rewritten:
+        touch_clustering(session, user_id)
+    return rewritten
 
 
 @dataclass(frozen=True)
@@ -227,7 +246,8 @@ def save_photo_result(session: Session, user_id: int, uri: str, result: PhotoRes
         if photo.status == "indexed":
             return SavedPhoto(photo.id, photo.uri, sha256, "indexed", None,
                               photo_face_ids(session, user_id, photo.id))
-        session.execute(sa.delete(Face).where(Face.photo_id == photo.id))
+        if session.execute(sa.delete(Face).where(Face.photo_id == photo.id)).rowcount:
+            touch_clustering(session, user_id)
         session.execute(sa.update(Photo).where(Photo.id == photo.id)
                         .values(**values, indexed_at=sa.func.now() if result.ok else None))
         photo_id = photo.id
@@ -245,6 +265,7 @@ def delete_photo(session: Session, user_id: int, photo_id: int) -> None:
     deleted = session.execute(sa.delete(Photo).where(Photo.id == photo_id, Photo.user_id == user_id))
     if deleted.rowcount == 0:
         raise NotFound(f"photo {photo_id}")
+    touch_clustering(session, user_id)
     _drop_empty_auto_persons(session, user_id)
     _refresh_covers(session, user_id)
 
@@ -449,6 +470,7 @@ def replace_auto_assignments(session: Session, user_id: int, labels: Mapping[int
         )
     if added:
         session.execute(sa.insert(FacePerson), added)
+    touch_clustering(session, user_id)
     _drop_empty_auto_persons(session, user_id)
     _refresh_covers(session, user_id)
     return person_of
@@ -487,6 +509,7 @@ def merge_persons(session: Session, user_id: int, into_id: int, from_id: int) ->
     into.user_confirmed = True
     session.delete(source)
     session.flush()
+    touch_clustering(session, user_id)
     _refresh_covers(session, user_id)
     return into
 
@@ -502,6 +525,7 @@ def move_face(session: Session, user_id: int, face_id: int, person_id: int) -> N
     else:
         link.person_id, link.source, link.assigned_at = person.id, "user", sa.func.now()
     session.flush()
+    touch_clustering(session, user_id)
     _drop_empty_auto_persons(session, user_id)
     _refresh_covers(session, user_id)
 
@@ -549,13 +573,6 @@ def face_links(session: Session, user_id: int) -> dict[int, int]:
     return dict(session.execute(
         sa.select(FacePerson.face_id, FacePerson.person_id)
         .join(Person, Person.id == FacePerson.person_id).where(Person.user_id == user_id)).all())
-
-
-def linked_faces(session: Session, user_id: int, face_ids: Collection[int]) -> set[int]:
-    """Those of ``face_ids`` that belong to a person of the user."""
-    return set(session.scalars(
-        sa.select(FacePerson.face_id).join(Person, Person.id == FacePerson.person_id)
-        .where(Person.user_id == user_id, FacePerson.face_id.in_(list(face_ids)))))
 
 
 def _unlinked_faces(session: Session, user_id: int, face_ids: Collection[int]) -> set[int]:

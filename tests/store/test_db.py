@@ -13,6 +13,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.pool import NullPool
 
 from services.store.db import make_engine, migrate
@@ -67,7 +68,8 @@ def assert_at_head(url: str) -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0001"]
+            head = ScriptDirectory.from_config(Config(str(REPO / "alembic.ini"))).get_current_head()
+            assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == [head]
     finally:
         engine.dispose()
 

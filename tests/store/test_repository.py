@@ -421,6 +421,49 @@ def test_moving_the_last_face_away_drops_an_auto_person(session, user, ten_faces
     assert session.get(Person, persons[0]) is None
 
 
+def test_clustering_revision_moves_with_every_change_but_the_cluster_workers_own(session, user, ten_faces):
+    """The incremental cluster worker keeps a copy of a user's faces and links and reads it again
+    when this counter moves: every other writer of faces, vectors or links must move it."""
+    bob = repo.get_or_create_user(session, "bob")
+    session.commit()
+
+    def revisions() -> tuple[int, int]:
+        current = repo.clustering_revisions(session, ["ann", "bob", "nobody"])
+        assert current.keys() == {"ann", "bob"}
+        return current["ann"], current["bob"]
+
+    def moved(change) -> bool:
+        before = revisions()
+        change()
+        session.commit()
+        after = revisions()
+        assert after[1] == before[1]  # another user's copy stays good
+        return after[0] != before[0]
+
+    photo_c = []
+    # the worker's own writes, and what it learns from events anyway: new photos
+    assert not moved(lambda: photo_c.append(repo.save_photo_result(session, user.id, "c.jpg", photo("c", face(3)))))
+    persons = {}
+    assert not moved(lambda: persons.update(p=repo.create_person(session, user.id, ten_faces[:2])[0]))
+    assert not moved(lambda: repo.link_faces(session, user.id, {ten_faces[2]: persons["p"]}))
+    assert not moved(lambda: repo.rename_person(session, user.id, persons["p"], "Ann"))
+    assert not moved(lambda: repo.hide_person(session, user.id, persons["p"]))
+    # everyone else's
+    assert moved(lambda: repo.move_face(session, user.id, ten_faces[3], persons["p"]))
+    assert moved(lambda: persons.update(two=repo.replace_auto_assignments(
+        session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})))
+    assert moved(lambda: repo.merge_persons(session, user.id, persons["two"][0], persons["two"][1]))
+    assert moved(lambda: repo.update_face_vectors(session, user.id, ten_faces[:1], [face(0, seed=99)]))
+    assert not moved(lambda: repo.update_face_vectors(session, user.id, [photo_c[0].face_ids[0] + 1000], [face(0)]))
+    assert moved(lambda: repo.delete_photo(session, user.id, photo_c[0].id))
+    pending = Photo(user_id=user.id, uri="d.jpg", sha256=sha("d"), status="pending")
+    session.add(pending)
+    session.flush()
+    session.execute(sa.insert(Face), [repo._face_row(pending.id, user.id, face(0))])
+    session.commit()
+    assert moved(lambda: repo.save_photo_result(session, user.id, "d.jpg", photo("d", face(1))))
+
+
 # ------------------------------------------------------------------------------ per-user scoping
 
 

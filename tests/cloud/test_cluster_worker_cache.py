@@ -1,0 +1,168 @@
+"""The cluster worker's in-memory copy of a user against changes made by other hands (each test runs
+on SQLite and on the real PostgreSQL).
+
+The vectors are chosen, not made by a model: what is under test is which faces the worker
+compares a new face with. Two persons form first, P = {a1, a2} (cosine 0.6) and Q = {b1, b2};
+then the user changes P, and a new face n arrives that is close to a2 (0.9) and far from a1
+(0.2). Judged against a2 as well, n joins P (mean 0.55, above the 0.44 the cut allows); judged
+against a1 alone it joins nobody.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from facecore.types import FaceRecord, PhotoResult
+from services import bus as busmod
+from services.bus import Message
+from services.cluster_worker.worker import ClusterWorker
+from services.store import repository as repo
+from services.store.db import session_factory
+from services.store.models import User
+
+MODEL = "sface-2021dec"  # its calibrated cut, 0.56, is what the worker uses
+
+
+def unit(**coords: float) -> np.ndarray:
+    v = np.zeros(128, np.float32)
+    for axis, value in coords.items():
+        v[int(axis[1:])] = value
+    return v / np.linalg.norm(v)
+
+
+VECTORS = {
+    "a1": unit(e0=1),
+    "a2": unit(e0=0.6, e1=0.8),
+    "b1": unit(e5=1),
+    "b2": unit(e5=0.9, e6=np.sqrt(0.19)),
+    "n": unit(e0=0.2, e1=0.975, e2=np.sqrt(1 - 0.2**2 - 0.975**2)),
+}
+
+
+def record(vector: np.ndarray) -> FaceRecord:
+    return FaceRecord(index=0, box=np.array([10, 10, 90, 110], np.float32), landmarks=np.zeros((5, 2), np.float32),
+                      det_score=0.99, blur=0.5, blurry=False, trash_score=0.0, is_trash=False, embedding=vector,
+                      model_version=MODEL)
+
+
+@pytest.fixture
+def ann(db_engine):
+    """A user of this test's own (the PostgreSQL database is shared), deleted afterwards."""
+    sessions = session_factory(db_engine)
+    name = f"ann-{uuid.uuid4().hex[:8]}"
+    with sessions() as s:
+        repo.get_or_create_user(s, name)
+        s.commit()
+    yield sessions, name
+    with sessions() as s:
+        s.execute(sa.delete(User).where(User.name == name))
+        s.commit()
+
+
+def upload(sessions, name: str, photo: str) -> int:
+    """Store one photo of one face, as the ingest worker does; its face id."""
+    with sessions() as s:
+        user = repo.find_user(s, name)
+        saved = repo.save_photo_result(s, user.id, f"{photo}.jpg", PhotoResult(
+            key=photo, sha256=hashlib.sha256(f"{name}/{photo}".encode()).hexdigest(), width=200, height=200,
+            faces=[record(VECTORS[photo])]))
+        s.commit()
+        return saved.face_ids[0]
+
+
+def event(name: str, face_ids: list[int], offset: int) -> Message:
+    value = {"user": name, "face_ids": face_ids}
+    return Message(busmod.INDEXED, 0, offset, name, value, b"")
+
+
+def persons(sessions, name: str) -> dict[int, set[int]]:
+    with sessions() as s:
+        out: dict[int, set[int]] = {}
+        for face, person in repo.face_links(s, repo.find_user(s, name).id).items():
+            out.setdefault(person, set()).add(face)
+        return out
+
+
+@pytest.mark.parametrize("change", ["delete a2's photo", "move a2 to Q"])
+def test_a_new_face_is_judged_against_the_users_faces_as_they_are_now(ann, change):
+    sessions, name = ann
+    bus = busmod.connect(f"memory://cache-{uuid.uuid4().hex}")
+    bus.ensure_topics()
+    worker = ClusterWorker(bus, sessions, threading.Event())
+    faces = {p: upload(sessions, name, p) for p in ("a1", "a2", "b1", "b2")}
+    worker.handle([event(name, list(faces.values()), 0)])
+    before = persons(sessions, name)
+    assert sorted(map(sorted, before.values())) == sorted([[faces["a1"], faces["a2"]], [faces["b1"], faces["b2"]]])
+    p = next(person for person, members in before.items() if faces["a1"] in members)
+    q = next(person for person, members in before.items() if faces["b1"] in members)
+
+    with sessions() as s:
+        user = repo.find_user(s, name)
+        if change.startswith("delete"):
+            repo.delete_photo(s, user.id, repo.face_photo_ids(s, user.id, [faces["a2"]])[faces["a2"]])
+        else:
+            repo.move_face(s, user.id, faces["a2"], q)
+        s.commit()
+
+    faces["n"] = upload(sessions, name, "n")
+    worker.handle([event(name, [faces["n"]], 1)])
+    after = persons(sessions, name)
+    assert faces["n"] not in after[p]
+    assert all(faces["n"] not in members for members in after.values())
+    state = worker.users[name]
+    if change.startswith("delete"):  # the deleted face's embedding is gone from the worker's memory too
+        assert faces["a2"] not in state.assigned_ids
+    else:
+        assert state.person_of[state.assigned_ids == faces["a2"]].tolist() == [q]
+    bus.close()
+
+
+def test_the_sweep_forgets_deleted_users_and_changed_copies_without_an_event(ann, db_engine):
+    """No event need come: the worker's periodic sweep (also run while idle) drops the copy of a
+    user whose photo was deleted and of a user who was deleted, and keeps the others."""
+    sessions, name = ann
+    bus = busmod.connect(f"memory://cache-{uuid.uuid4().hex}")
+    bus.ensure_topics()
+    worker = ClusterWorker(bus, sessions, threading.Event())
+    others = [f"{name}-{k}" for k in range(2)]
+    for user in others:
+        with sessions() as s:
+            repo.get_or_create_user(s, user)
+            s.commit()
+    faces = {(user, p): upload(sessions, user, p) for user in [name, *others] for p in ("a1", "a2")}
+    worker.handle([event(user, [faces[user, "a1"], faces[user, "a2"]], k) for k, user in enumerate([name, *others])])
+    assert worker.users.keys() == {name, *others}
+
+    worker.sweep(now=True)
+    assert worker.users.keys() == {name, *others}  # nothing changed: every copy stays
+    with sessions() as s:
+        user = repo.find_user(s, name)
+        repo.delete_photo(s, user.id, repo.face_photo_ids(s, user.id, [faces[name, "a2"]])[faces[name, "a2"]])
+        repo.delete_user(s, repo.find_user(s, others[0]).id)
+        s.commit()
+    worker.sweep()  # too soon after the last one: nothing read
+    assert worker.users.keys() == {name, *others}
+    worker.sweep(now=True)
+    assert worker.users.keys() == {others[1]}
+
+    stop = threading.Event()
+    consumer = bus.consumer(busmod.INDEXED, "cluster", max_records=10)
+    swept = []
+
+    def idle() -> None:
+        swept.append(True)
+        stop.set()
+
+    busmod.consume(consumer, worker.handle, stop, poll_s=0.01, idle=idle)  # an empty topic: straight to idle
+    assert swept == [True]
+    with sessions() as s:
+        s.execute(sa.delete(User).where(User.name == others[1]))
+        s.commit()
+    consumer.close()
+    bus.close()
