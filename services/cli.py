@@ -106,7 +106,7 @@ def cmd_export(args):
 
     settings = _settings(args)
     sessions = _sessions(settings)
-    fields = ["photo", "face", "x1", "y1", "x2", "y2", "score", "blur", "person", "gender"]
+    fields = ["photo", "face", "x1", "y1", "x2", "y2", "score", "blur", "person", "gender", "face_id"]
     with sessions() as session, open(args.out, "w", newline="") as f:
         user = repo.get_or_create_user(session, settings.default_user)
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -116,6 +116,55 @@ def cmd_export(args):
             w.writerow(row)
             n += 1
     print(f"wrote {n} faces to {args.out}")
+
+
+def cmd_person(args):
+    """Look at and correct the person albums: what a user of the embedded default has instead of the API."""
+    from .store import repository as repo
+
+    settings = _settings(args)
+    sessions = _sessions(settings)
+    with sessions() as session:
+        user = repo.find_user(session, settings.default_user)
+        if user is None:
+            raise SystemExit(f"no user {settings.default_user!r} in {settings.database_url}: index some photos first")
+        try:
+            if args.action == "list":
+                _print_persons(repo.persons_overview(session, user.id, hidden=args.hidden))
+                return
+            if args.action == "name":
+                person = repo.rename_person(session, user.id, args.person, " ".join(args.name))
+                done = f"person {person.id} is now {person.name!r}" if person.name else f"person {person.id} has no name"
+            elif args.action == "merge":
+                person = repo.merge_persons(session, user.id, args.into, args.other)
+                done = f"merged person {args.other} into person {person.id}"
+            elif args.action == "move":
+                if args.new:
+                    target = repo.split_faces(session, user.id, args.faces).id
+                else:
+                    repo.move_faces(session, user.id, args.faces, args.to)
+                    target = args.to
+                done = f"moved {len(set(args.faces))} faces to {'new ' if args.new else ''}person {target}"
+            else:
+                person = repo.hide_person(session, user.id, args.person, hidden=args.action == "hide")
+                done = f"person {person.id} is {'hidden' if person.hidden else 'shown again'}"
+        except repo.NotFound as e:
+            raise SystemExit(f"no {e} for user {settings.default_user!r}") from None
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        session.commit()
+    print(done + " (kept by later `facecluster cluster` runs)")
+
+
+def _print_persons(persons: list[dict]) -> None:
+    if not persons:
+        print("no persons yet: run `facecluster cluster`")
+        return
+    print(f"{'id':>8}  {'faces':>5}  {'photos':>6}  name")
+    for p in persons:
+        flags = [f for f, on in (("hidden", p["hidden"]), ("confirmed", p["confirmed"])) if on]
+        print(f"{p['id']:>8}  {p['faces']:>5}  {p['photos']:>6}  {p['name'] or '-'}"
+              + (f"  ({', '.join(flags)})" if flags else ""))
 
 
 def cmd_reembed(args):
@@ -254,6 +303,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", type=Path, help="TOML settings file")
     threads(sp)
     sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("person", help="list the persons; name, merge, hide them, move faces between them",
+                        description="Corrections are 'user' decisions: later `cluster` runs keep them. Person "
+                                    "ids are those of `person list`, the report and `export`; face ids are in "
+                                    "the report (hover a face) and in `export`.")
+    actions = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("list", help="every person: id, faces, photos, name")
+    a.add_argument("--hidden", action=argparse.BooleanOptionalAction, default=True,
+                   help="include hidden persons (default: yes)")
+    common(a)
+    a = actions.add_parser("name", help="name a person (no NAME: clear the name)")
+    a.add_argument("person", type=int)
+    a.add_argument("name", nargs="*")
+    common(a)
+    a = actions.add_parser("merge", help="move every face of OTHER into INTO and delete OTHER")
+    a.add_argument("into", type=int)
+    a.add_argument("other", type=int)
+    common(a)
+    a = actions.add_parser("move", help="move faces to another person, or split them off into a new one")
+    a.add_argument("faces", type=int, nargs="+", metavar="FACE")
+    where = a.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", type=int, metavar="PERSON", help="an existing person")
+    where.add_argument("--new", action="store_true", help="a new person of these faces only")
+    common(a)
+    for name, what in (("hide", "leave a person out of the albums and the report"), ("show", "undo hide")):
+        a = actions.add_parser(name, help=what)
+        a.add_argument("person", type=int)
+        common(a)
+    sp.set_defaults(func=cmd_person)
 
     # cloud path: upload into the object store + photo.uploaded events (services/publish.py)
     from .publish import add_parser as add_publish_parser

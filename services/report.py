@@ -44,11 +44,15 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
         trash = list(repo.export_rows(session, user.id, trash=True))
         failed = repo.failed_photos(session, user.id)
     by_person: dict[str, list[dict]] = defaultdict(list)
+    hidden = set()
     for r in rows:
-        by_person[r["person"] or ""].append(r)
+        if r["person_hidden"]:
+            hidden.add(r["person"])
+        else:
+            by_person[r["person"] or ""].append(r)
     persons = sorted((p for p in by_person if p), key=lambda p: -len(by_person[p]))
     parts = [f"<h1>facecluster: {html.escape(user_name)}</h1>"]
-    stats = [f"{len(rows)} faces", f"{len(persons)} persons",
+    stats = [f"{len(rows)} faces", f"{len(persons)} persons" + (f" ({len(hidden)} more hidden)" if hidden else ""),
              f"{sum(1 for r in rows if r.get('blurry'))} blurry faces left out",
              f"{len(trash)} detections rejected as not faces"]
     if index_summary is not None:
@@ -63,7 +67,7 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
             name = f"{r['face_id']}.jpg"
             box = (r["x1"], r["y1"], r["x2"], r["y2"])
             ok = (thumbs / name).exists() or face_thumbnail(root / r["photo"], box, thumbs / name)
-            title = html.escape(f"{r['photo']} (score {r['score']:.2f}, blur {r['blur']:.1f})")
+            title = html.escape(f"face {r['face_id']}: {r['photo']} (score {r['score']:.2f}, blur {r['blur']:.1f})")
             cells.append(f'<img src="faces/{name}" title="{title}" alt="">' if ok else "")
         more = f"<span class=more>+{len(faces) - MAX_FACES_PER_PERSON} more</span>" if len(
             faces) > MAX_FACES_PER_PERSON else ""
@@ -74,8 +78,8 @@ def write_report(sessions: sessionmaker[Session], user_name: str, root: Path, ou
         faces = by_person[p]
         if len(faces) == 1:
             continue
-        label = faces[0].get("person_name") or f"Person {p}"
-        parts.append(f"<section><h2>{html.escape(label)} <small>{len(faces)} faces</small></h2>"
+        label = html.escape(faces[0]["person_name"] or f"Person {p}")
+        parts.append(f"<section><h2>{label} <small>{len(faces)} faces · person {p}</small></h2>"
                      f"<div class=faces>{face_imgs(faces)}</div></section>")
     if singles:
         parts.append(f"<section><h2>Seen once <small>{len(singles)} persons with one face each</small></h2>"

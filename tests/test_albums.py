@@ -3,9 +3,12 @@ with an embedder of one's own and across a change of embedder."""
 
 from __future__ import annotations
 
+import csv
+import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import sqlalchemy as sa
 from PIL import Image
 
@@ -139,3 +142,80 @@ def test_switching_embedder_reembeds_in_place_and_keeps_named_persons(tmp_path, 
     got, want = vectors(url), vectors(fresh_url)
     assert got.keys() == want.keys() and len(got) >= 9 and ("large.jpg", 0) in got
     assert min(float(got[k] @ want[k]) for k in got) > 0.999
+
+
+def test_a_user_corrects_the_albums_from_the_command_line_and_cluster_keeps_it(tmp_path, capsys):
+    """`facecluster person`: name one person, split a face off, merge it back into another
+    person, hide a person; a later `cluster` keeps every decision, the report leaves the hidden
+    person out, and ids of nobody's (or another user's) persons and faces are refused clearly."""
+    people, folder = two_people(tmp_path)
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    db = ["--db", url]
+    assert main(["run", str(folder), *db, "--report", str(tmp_path / "report"), "--threads", "2"]) == 0
+    bobs = tmp_path / "bob"
+    bobs.mkdir()
+    Image.open(sorted(people[1].iterdir())[0]).save(bobs / "mine.jpg")
+    assert main(["index", str(bobs), *db, "--user", "bob", "--threads", "2"]) == 0
+    assert main(["cluster", *db, "--user", "bob"]) == 0
+
+    def albums(user: str = "local") -> dict[int, tuple[str | None, bool, set[str]]]:
+        """person id -> (name, hidden, the LFW people whose photos it holds)."""
+        out = tmp_path / f"{user}.csv"
+        assert main(["export", "--out", str(out), *db, "--user", user]) == 0
+        engine = sa.create_engine(url)
+        with engine.connect() as c:
+            persons = {p.id: (p.name, p.hidden) for p in c.execute(sa.select(Person.id, Person.name, Person.hidden))}
+        engine.dispose()
+        held: dict[int, set[str]] = {}
+        with open(out, newline="") as f:
+            for r in csv.DictReader(f):
+                if r["person"]:
+                    held.setdefault(int(r["person"]), set()).add(r["photo"].rsplit("_", 1)[0])
+        return {p: (*persons[p], names) for p, names in held.items()}
+
+    def face_ids(user: str = "local") -> dict[int, str]:
+        out = tmp_path / "ids.csv"
+        assert main(["export", "--out", str(out), *db, "--user", user]) == 0
+        with open(out, newline="") as f:
+            return {int(r["face_id"]): r["photo"] for r in csv.DictReader(f)}
+
+    start = albums()
+    assert sorted(names for _, _, names in start.values()) == [{people[0].name}, {people[1].name}]
+    ann = next(p for p, (_, _, names) in start.items() if names == {people[0].name})
+    ben = next(p for p in start if p != ann)
+    capsys.readouterr()
+    assert main(["person", "list", *db]) == 0
+    listed = capsys.readouterr().out
+    assert re.search(rf"^\s*{ann}\s+4\s+4\s+-$", listed, re.M), listed
+
+    assert main(["person", "name", str(ann), "Ann", "Lee", *db]) == 0
+    one_of_anns = next(f for f, photo in face_ids().items() if photo.startswith(people[0].name))
+    assert main(["person", "move", str(one_of_anns), "--new", *db]) == 0
+    split = re.search(r"to new person (\d+)", capsys.readouterr().out)
+    assert split
+    split_off = int(split[1])
+    assert main(["person", "merge", str(ben), str(split_off), *db]) == 0  # a wrong merge, on purpose
+    assert main(["person", "hide", str(ben), *db]) == 0
+    corrected = albums()
+    assert corrected[ann] == ("Ann Lee", False, {people[0].name})
+    assert corrected[ben] == (None, True, {people[0].name, people[1].name})
+    assert split_off not in corrected
+
+    assert main(["cluster", *db]) == 0
+    assert albums() == corrected  # the user's decisions outlive re-clustering
+    assert main(["run", str(folder), *db, "--report", str(tmp_path / "report"), "--threads", "2"]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Ann Lee" in page and f"person {ben}</small>" not in page and "1 more hidden" in page
+
+    bobs_person = next(iter(albums("bob")))
+    capsys.readouterr()
+    for args, message in ((["name", "999999", "X"], "no person 999999 for user 'local'"),
+                          (["name", str(bobs_person), "Mine"], f"no person {bobs_person} for user 'local'"),
+                          (["move", str(next(iter(face_ids("bob")))), "--to", str(ann)], "no face"),
+                          (["merge", str(ann), str(ann)], "cannot merge a person into itself")):
+        with pytest.raises(SystemExit) as refused:
+            main(["person", *args, *db])
+        assert message in str(refused.value)
+    assert albums() == corrected and albums("bob")[bobs_person][0] is None
+    assert main(["person", "show", str(ben), *db]) == 0
+    assert albums()[ben][1] is False

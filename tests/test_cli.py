@@ -22,7 +22,7 @@ from services.store.db import make_engine, session_factory
 from services.store.models import Face, FacePerson, Photo
 
 USER = "tester"
-EXPORT_FIELDS = ["photo", "face", "x1", "y1", "x2", "y2", "score", "blur", "person", "gender"]
+EXPORT_FIELDS = ["photo", "face", "x1", "y1", "x2", "y2", "score", "blur", "person", "gender", "face_id"]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,7 @@ def test_cluster_then_export_one_row_per_face(library, tmp_path, capsys):
         exported = list(reader)
     assert reader.fieldnames == EXPORT_FIELDS
     assert sorted(r["photo"] for r in exported) == sorted(db["face_uri"].values())
+    assert {int(r["face_id"]): r["photo"] for r in exported} == db["face_uri"]
     for r in exported:
         assert int(r["person"]) == person_of[r["photo"]]
         x1, y1, x2, y2 = (float(r[k]) for k in ("x1", "y1", "x2", "y2"))
@@ -140,6 +141,12 @@ def test_every_subcommand_has_help(capsys):
             main([name, "--help"])
         assert exit_.value.code == 0
         assert capsys.readouterr().out.startswith(f"usage: facecluster {name}")
+    actions = next(a for a in sub.choices["person"]._actions if a.dest == "action")
+    for name in actions.choices:
+        with pytest.raises(SystemExit) as exit_:
+            main(["person", name, "--help"])
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: facecluster person {name}")
 
 
 def test_verify_scores_same_person_pairs_higher(tmp_path, capsys):

@@ -313,7 +313,8 @@ def export_rows(session: Session, user_id: int, trash: bool = False) -> Iterator
     """
     query = (
         sa.select(Photo.uri, Face.id, Face.face_index, Face.x1, Face.y1, Face.x2, Face.y2, Face.det_score,
-                  Face.blur, Face.blurry, FacePerson.person_id, Person.name.label("person_name"), Face.attributes)
+                  Face.blur, Face.blurry, FacePerson.person_id, Person.name.label("person_name"),
+                  Person.hidden.label("person_hidden"), Face.attributes)
         .join(Photo, Photo.id == Face.photo_id)
         .outerjoin(FacePerson, FacePerson.face_id == Face.id)
         .outerjoin(Person, Person.id == FacePerson.person_id)
@@ -328,6 +329,7 @@ def export_rows(session: Session, user_id: int, trash: bool = False) -> Iterator
             "score": row.det_score, "blur": row.blur,
             "person": row.person_id, "gender": row.attributes.get("gender"),
             "face_id": row.id, "blurry": row.blurry, "person_name": row.person_name,
+            "person_hidden": bool(row.person_hidden),
         }
 
 
@@ -514,20 +516,61 @@ def merge_persons(session: Session, user_id: int, into_id: int, from_id: int) ->
     return into
 
 
-def move_face(session: Session, user_id: int, face_id: int, person_id: int) -> None:
-    """Put a face into a person by hand (a 'user' link that re-clustering keeps)."""
-    if session.scalar(sa.select(Face.id).where(Face.id == face_id, Face.user_id == user_id)) is None:
-        raise NotFound(f"face {face_id}")
-    person = _person(session, user_id, person_id)
-    link = session.get(FacePerson, face_id)
-    if link is None:
-        session.add(FacePerson(face_id=face_id, person_id=person.id, source="user"))
-    else:
-        link.person_id, link.source, link.assigned_at = person.id, "user", sa.func.now()
+def move_faces(session: Session, user_id: int, face_ids: Collection[int], person_id: int) -> None:
+    """Put faces into a person by hand ('user' links, which re-clustering keeps)."""
+    _move_by_hand(session, user_id, _users_faces(session, user_id, face_ids), _person(session, user_id, person_id))
+
+
+def split_faces(session: Session, user_id: int, face_ids: Collection[int]) -> Person:
+    """Take faces out of wherever they are into a new person the user made (confirmed, so it
+    stays when re-clustering leaves it empty)."""
+    faces = _users_faces(session, user_id, face_ids)
+    person = Person(user_id=user_id, user_confirmed=True)
+    session.add(person)
+    session.flush()
+    _move_by_hand(session, user_id, faces, person)
+    return person
+
+
+def _users_faces(session: Session, user_id: int, face_ids: Collection[int]) -> list[int]:
+    """``face_ids`` in order, once each; NotFound unless every one is the user's."""
+    wanted = list(dict.fromkeys(int(f) for f in face_ids))
+    if not wanted:
+        raise ValueError("no faces given")
+    found = set(session.scalars(sa.select(Face.id).where(Face.id.in_(wanted), Face.user_id == user_id)))
+    missing = [f for f in wanted if f not in found]
+    if missing:
+        raise NotFound(f"face {missing[0]}")
+    return wanted
+
+
+def _move_by_hand(session: Session, user_id: int, face_ids: list[int], person: Person) -> None:
+    for face_id in face_ids:
+        link = session.get(FacePerson, face_id)
+        if link is None:
+            session.add(FacePerson(face_id=face_id, person_id=person.id, source="user"))
+        else:
+            link.person_id, link.source, link.assigned_at = person.id, "user", sa.func.now()
     session.flush()
     touch_clustering(session, user_id)
     _drop_empty_auto_persons(session, user_id)
     _refresh_covers(session, user_id)
+
+
+def persons_overview(session: Session, user_id: int, *, hidden: bool = True) -> list[dict]:
+    """One dict per person of the user (id, name, hidden, confirmed, faces, photos), most faces
+    first; ``hidden=False`` leaves hidden persons out."""
+    faces = sa.func.count(FacePerson.face_id)
+    query = (sa.select(Person.id, Person.name, Person.hidden, Person.user_confirmed.label("confirmed"),
+                       faces.label("faces"), sa.func.count(sa.distinct(Face.photo_id)).label("photos"))
+             .outerjoin(FacePerson, FacePerson.person_id == Person.id)
+             .outerjoin(Face, Face.id == FacePerson.face_id)
+             .where(Person.user_id == user_id)
+             .group_by(Person.id, Person.name, Person.hidden, Person.user_confirmed)
+             .order_by(faces.desc(), Person.id))
+    if not hidden:
+        query = query.where(Person.hidden.is_(False))
+    return [row._asdict() for row in session.execute(query)]
 
 
 # ------------------------------------------------------------------------------ cloud workers

@@ -107,7 +107,7 @@ def test_a_new_face_is_judged_against_the_users_faces_as_they_are_now(ann, chang
         if change.startswith("delete"):
             repo.delete_photo(s, user.id, repo.face_photo_ids(s, user.id, [faces["a2"]])[faces["a2"]])
         else:
-            repo.move_face(s, user.id, faces["a2"], q)
+            repo.move_faces(s, user.id, [faces["a2"]], q)
         s.commit()
 
     faces["n"] = upload(sessions, name, "n")

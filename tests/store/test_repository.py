@@ -329,7 +329,7 @@ def test_reclustering_keeps_person_ids_names_and_user_links(session, user, ten_f
     repo.rename_person(session, user.id, first[0], "Ann")
     repo.hide_person(session, user.id, first[1])
     # the user says face 0 is the second person
-    repo.move_face(session, user.id, ten_faces[0], first[1])
+    repo.move_faces(session, user.id, [ten_faces[0]], first[1])
     session.commit()
 
     # different label numbers; face 4 now clusters with the second group; face 0 with the first
@@ -407,16 +407,41 @@ def test_merge_moves_faces_as_user_links(session, user, ten_faces, two_persons):
 def test_moving_the_cover_face_picks_a_new_cover(session, user, ten_faces, two_persons):
     person = session.get(Person, two_persons[0])
     cover = person.cover_face_id
-    repo.move_face(session, user.id, cover, two_persons[1])
+    repo.move_faces(session, user.id, [cover], two_persons[1])
     session.commit()
     session.refresh(person)
     assert person.cover_face_id not in (None, cover)
     assert links(session, user.id)[cover] == (two_persons[1], "user")
 
 
+def test_split_faces_form_a_confirmed_person_that_reclustering_keeps(session, user, ten_faces, two_persons):
+    person = repo.split_faces(session, user.id, [ten_faces[1], ten_faces[6], ten_faces[1]])
+    session.commit()
+    assert person.user_confirmed and person.name is None
+    assert {f: links(session, user.id)[f] for f in (ten_faces[1], ten_faces[6])} == {
+        ten_faces[1]: (person.id, "user"), ten_faces[6]: (person.id, "user")}
+    repo.replace_auto_assignments(session, user.id, dict.fromkeys(ten_faces, 0))  # one cluster of everything
+    session.commit()
+    assert [f for f, (p, _) in links(session, user.id).items() if p == person.id] == [ten_faces[1], ten_faces[6]]
+    with pytest.raises(ValueError):
+        repo.split_faces(session, user.id, [])
+
+
+def test_persons_overview_counts_faces_and_photos(session, user, ten_faces, two_persons):
+    repo.move_faces(session, user.id, [ten_faces[5]], two_persons[0])  # photo b joins person 0
+    repo.rename_person(session, user.id, two_persons[0], "Ann")
+    repo.hide_person(session, user.id, two_persons[1])
+    session.commit()
+    overview = repo.persons_overview(session, user.id)
+    assert overview == [
+        {"id": two_persons[0], "name": "Ann", "hidden": False, "confirmed": False, "faces": 6, "photos": 2},
+        {"id": two_persons[1], "name": None, "hidden": True, "confirmed": False, "faces": 4, "photos": 1}]
+    assert repo.persons_overview(session, user.id, hidden=False) == overview[:1]
+
+
 def test_moving_the_last_face_away_drops_an_auto_person(session, user, ten_faces):
     persons = repo.replace_auto_assignments(session, user.id, {ten_faces[0]: 0, ten_faces[1]: 1})
-    repo.move_face(session, user.id, ten_faces[0], persons[1])
+    repo.move_faces(session, user.id, [ten_faces[0]], persons[1])
     session.commit()
     assert session.get(Person, persons[0]) is None
 
@@ -449,7 +474,7 @@ def test_clustering_revision_moves_with_every_change_but_the_cluster_workers_own
     assert not moved(lambda: repo.rename_person(session, user.id, persons["p"], "Ann"))
     assert not moved(lambda: repo.hide_person(session, user.id, persons["p"]))
     # everyone else's
-    assert moved(lambda: repo.move_face(session, user.id, ten_faces[3], persons["p"]))
+    assert moved(lambda: repo.move_faces(session, user.id, [ten_faces[3]], persons["p"]))
     assert moved(lambda: persons.update(two=repo.replace_auto_assignments(
         session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})))
     assert moved(lambda: repo.merge_persons(session, user.id, persons["two"][0], persons["two"][1]))
@@ -480,8 +505,9 @@ def test_another_users_objects_behave_as_missing(session, user, ten_faces, two_p
         lambda: repo.hide_person(session, bob.id, ann_person),
         lambda: repo.merge_persons(session, bob.id, bob_person, ann_person),
         lambda: repo.merge_persons(session, bob.id, ann_person, bob_person),
-        lambda: repo.move_face(session, bob.id, ten_faces[0], bob_person),
-        lambda: repo.move_face(session, bob.id, bob_face, ann_person),
+        lambda: repo.move_faces(session, bob.id, [ten_faces[0]], bob_person),
+        lambda: repo.move_faces(session, bob.id, [bob_face], ann_person),
+        lambda: repo.split_faces(session, bob.id, [bob_face, ten_faces[0]]),
         lambda: repo.delete_photo(session, bob.id, ann_photo),
         lambda: repo.replace_auto_assignments(session, bob.id, {ten_faces[0]: 0}),
     ):
@@ -513,9 +539,11 @@ def test_export_rows(session, user):
         ("a.jpg", 0, None, "F"), ("b.jpg", 0, person, "F"), ("b.jpg", 1, None, None)]
     assert rows[0] == {"photo": "a.jpg", "face": 0, "x1": 10.0, "y1": 20.0, "x2": 110.5, "y2": 140.25,
                        "score": 0.5, "blur": 0.8, "person": None, "gender": "F",
-                       "face_id": rows[0]["face_id"], "blurry": False, "person_name": None}
+                       "face_id": rows[0]["face_id"], "blurry": False, "person_name": None, "person_hidden": False}
     repo.rename_person(session, user.id, person, "Ann")
-    assert next(r for r in repo.export_rows(session, user.id) if r["person"] == person)["person_name"] == "Ann"
+    repo.hide_person(session, user.id, person)
+    row = next(r for r in repo.export_rows(session, user.id) if r["person"] == person)
+    assert (row["person_name"], row["person_hidden"]) == ("Ann", True)
     # the non-face is only listed when asked for, and then alone (the report's "Not faces")
     assert [(r["photo"], r["face"]) for r in repo.export_rows(session, user.id, trash=True)] == [("b.jpg", 2)]
 
