@@ -70,6 +70,7 @@ def load_run(url: str, user: str) -> tuple[list[dict], dict[int, np.ndarray]]:
     """Export rows and face vectors of one user of an index database."""
     engine = make_engine(url)
     try:
+        migrate(engine)  # an index made by older code, as the CLI would bring it up to date
         with session_factory(engine)() as s:
             uid = repo.get_or_create_user(s, user).id
             rows = list(repo.export_rows(s, uid))

@@ -30,7 +30,7 @@ from services import bus as busmod
 from services.indexing import folder_items
 from services.publish import publish_photos
 from services.reembed import reembed_library
-from services.store.db import make_engine, session_factory
+from services.store.db import make_engine, migrate, session_factory
 from services.store.models import Face
 
 from product import score_library
@@ -62,6 +62,7 @@ def main() -> None:
           f"{time.perf_counter() - t:.1f}s")
 
     engine = make_engine(url)
+    migrate(engine)  # a library indexed by older code, as `facecluster reembed` would find it
     sessions = session_factory(engine)
     with engine.connect() as c:
         before = dict(c.execute(sa.select(Face.model_version, sa.func.count()).group_by(Face.model_version)).all())

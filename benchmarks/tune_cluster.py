@@ -19,7 +19,7 @@ from sklearn.cluster import DBSCAN
 
 from facecore import cluster as fc
 from services.store import repository as repo
-from services.store.db import make_engine, session_factory
+from services.store.db import make_engine, migrate, session_factory
 
 from score import score_clusters
 
@@ -45,7 +45,9 @@ def main() -> None:
                     help="average-linkage cosine distance cuts to try")
     ap.add_argument("--dbscan", type=float, nargs="*", default=[0.4, 0.5], help="DBSCAN eps values to try")
     args = ap.parse_args()
-    sessions = session_factory(make_engine(args.db))
+    engine = make_engine(args.db)
+    migrate(engine)  # an index made by older code, as the CLI would bring it up to date
+    sessions = session_factory(engine)
     with sessions() as s:
         uid = repo.get_or_create_user(s, args.user).id
         ids, x = repo.user_embeddings(s, uid)
