@@ -8,9 +8,9 @@ stale photo back from the object store, embeds its stored faces again at their s
 (``FacePipeline.reembed``) and rewrites only what the embedder decides, one transaction per
 photo. Face ids stay, and with them every person link, name and hidden flag. Each user is then
 re-clustered in the new space (``services.clustering``), which maps the new clusters onto the
-existing persons, and only then are the user's re-embedded photos announced on ``faces.indexed``:
-a cluster worker that cached the user's faces meanwhile meets faces that are already in persons
-and reads the user again, instead of filing later uploads against a cache without them.
+existing persons, and only then are the user's re-embedded photos announced on ``faces.indexed``.
+Each rewrite and the re-clustering bump the user's clustering revision, so a cluster worker that
+cached the user's faces reads them again before it files another face, announcement or not.
 
 A photo whose bytes are gone or no longer decode keeps its old vectors and is reported; the run
 goes on. Pages are walked by photo id, so a failure is not retried in the same run, and a run
@@ -19,8 +19,7 @@ were all re-embedded before a stop is re-clustered by naming it (``--user``).
 
 Run: ``facecluster reembed [--user U ...]`` (``k8s/reembed-job.yaml``), with the settings of the
 workers (``FACECLUSTER_DATABASE_URL``, ``FACECLUSTER_OBJECT_STORE``, ``FACECLUSTER_BUS_URL``, the
-model settings). If it stops between a user's re-embedding and the announcement, the cluster
-workers may file that user's next uploads against a stale cache until they restart.
+model settings).
 """
 
 from __future__ import annotations

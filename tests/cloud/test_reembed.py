@@ -156,9 +156,9 @@ def test_reembed_job_rewrites_stale_faces_keeps_names_and_survives_lost_objects(
 def test_cluster_worker_files_later_uploads_under_the_persons_the_job_kept(tmp_path, empty_db_url, bus_url,
                                                                           monkeypatch):
     """A cluster worker that cached a user's new-model faces before the job ran must not file
-    later uploads against that cache: the job announces what it re-embedded after re-clustering,
-    the worker meets faces already in persons, reads the user again, and the next photo of the
-    named person joins her instead of starting a new person."""
+    later uploads against that cache: the job's rewrites and re-clustering move the user's
+    clustering revision, the worker reads the user again, and the next photo of the named
+    person joins her instead of starting a new person."""
     from services.cluster_worker.worker import ClusterWorker
 
     folder, store, people = library(tmp_path, bus_url)
