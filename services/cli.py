@@ -355,9 +355,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         print("interrupted; everything stored so far is kept, a re-run continues", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `facecluster person list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     return 0
 
 

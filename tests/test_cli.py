@@ -7,8 +7,12 @@ import contextlib
 import csv
 import io
 import math
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -214,3 +218,19 @@ def test_batches_in_flight_store_the_same_rows_in_the_same_order(library, tmp_pa
             assert (a[3] is None) == (b[3] is None)
             if a[3] is not None:
                 assert bytes(a[3]) == bytes(b[3])
+
+
+def test_output_into_a_closed_pipe_ends_quietly(library):
+    """`facecluster person list | head -1`: once the reader is gone the command stops without a
+    traceback, with the shell's exit status for SIGPIPE."""
+    url = library[0]
+    assert cli("cluster", "--db", url) == 0
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "services.cli", "person", "list", "--db", url, "--user", USER],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[1])
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")
