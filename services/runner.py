@@ -26,6 +26,7 @@ from .bus import Bus, Message, Stopped, consume, retry
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Hooks:
     """What a worker does with its topic."""

@@ -107,6 +107,7 @@ class ClusterWorker:
         ``SWEEP_S`` unless ``now``); a changed one is read again with its next event."""
         if not self.users or not (now or time.monotonic() - self._swept >= SWEEP_S):
             return
+
         def read() -> dict[str, int]:
             with self.sessions() as session:
                 return repo.clustering_revisions(session, list(self.users))
