@@ -187,3 +187,21 @@ def test_any_arcface_style_model_loads_by_path(tmp_path):
             np.testing.assert_allclose(np.linalg.norm(f.embedding), 1.0, rtol=1e-5)
     finally:
         p.close()
+
+
+def test_max_side_decodes_big_photos_smaller_and_reports_full_size_boxes(pipeline, tmp_path):
+    """FACECLUSTER_MAX_SIDE: a 1,500 px photo decoded at 600 px still gives its face, in
+    full-size coordinates, with a vector close to (not equal to) the one at full resolution."""
+    big = tmp_path / "big.jpg"
+    with Image.open(lfw_image(SOURCES["good.jpg"])) as im:
+        im.convert("RGB").resize((1500, 1500), Image.BICUBIC).save(big, quality=95)
+    small = FacePipeline(Settings(max_bytes=MAX_BYTES, threads=2, flip_tta=True, max_side=600))
+    try:
+        (reduced,) = small.process([("big", big)])
+    finally:
+        small.close()
+    (full,) = pipeline.process([("big", big)])
+    assert (reduced.width, reduced.height) == (full.width, full.height) == (1500, 1500)
+    a, b = central_face(full), central_face(reduced)
+    assert np.abs(centre(a.box) - centre(b.box)).max() < 0.05 * (a.box[2] - a.box[0])
+    assert 0.95 < float(a.embedding @ b.embedding) < 0.9999

@@ -98,8 +98,8 @@ class FacePipeline:
             if isinstance(source, bytes):
                 if len(source) > s.max_bytes:
                     raise dec.PhotoError(f"file too large ({len(source)} bytes > limit {s.max_bytes})")
-                return dec.decode(source, max_pixels=s.max_pixels)
-            return dec.load(source, max_bytes=s.max_bytes, max_pixels=s.max_pixels)
+                return dec.decode(source, max_pixels=s.max_pixels, max_side=s.max_side)
+            return dec.load(source, max_bytes=s.max_bytes, max_pixels=s.max_pixels, max_side=s.max_side)
         except dec.PhotoError as e:
             return e
         except MemoryError:

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .decode import DEFAULT_MAX_SIDE
 
 _config_file: ContextVar[str | None] = ContextVar("facecluster_config_file", default=None)
 
@@ -78,6 +79,8 @@ class Settings(BaseSettings):
     # decoding limits (bad input is refused, not crashed on)
     max_pixels: int = 80_000_000
     max_bytes: int = 100 * 1024 * 1024
+    max_side: int = Field(DEFAULT_MAX_SIDE, gt=0, description="photos are decoded to at most this many pixels on their long "
+                          "side; lower is faster on big photos and loses the smallest faces (docs/BENCHMARKS.md)")
 
     # filtering
     blur_threshold: float = Field(
