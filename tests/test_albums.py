@@ -219,3 +219,59 @@ def test_a_user_corrects_the_albums_from_the_command_line_and_cluster_keeps_it(t
     assert albums() == corrected and albums("bob")[bobs_person][0] is None
     assert main(["person", "show", str(ben), *db]) == 0
     assert albums()[ben][1] is False
+
+
+def test_prune_makes_the_library_follow_its_folder(tmp_path, capsys):
+    """`index --prune`: photos whose files were deleted go, with their faces, embeddings and
+    links; a renamed or moved file keeps its faces under its new path; another user's copy of a
+    deleted photo stays; without --prune nothing is deleted."""
+    people, folder = two_people(tmp_path)
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    index = ["index", str(folder), "--db", url, "--threads", "2"]
+    assert main([*index]) == 0 and main(["cluster", "--db", url]) == 0
+    files = sorted(p.name for p in folder.iterdir())
+    gone, renamed, moved = files[:2], files[2], files[3]
+    bobs = tmp_path / "bob"
+    bobs.mkdir()
+    (bobs / "copy.jpg").write_bytes((folder / gone[0]).read_bytes())
+    assert main(["index", str(bobs), "--db", url, "--user", "bob", "--threads", "2"]) == 0
+    engine = sa.create_engine(url)
+
+    def library(user: str = "local") -> dict[str, tuple[list[int], list[int | None]]]:
+        """uri -> (its face ids, their person ids)."""
+        with engine.connect() as c:
+            rows = c.execute(sa.text(
+                "SELECT p.uri, f.id, fp.person_id FROM photos p JOIN users u ON u.id = p.user_id "
+                "LEFT JOIN faces f ON f.photo_id = p.id LEFT JOIN face_person fp ON fp.face_id = f.id "
+                "WHERE u.name = :user ORDER BY f.id"), {"user": user}).all()
+        out: dict[str, tuple[list, list]] = {}
+        for uri, face, person in rows:
+            out.setdefault(uri, ([], []))
+            if face is not None:
+                out[uri][0].append(face)
+                out[uri][1].append(person)
+        return out
+
+    before, bob_before = library(), library("bob")
+    for name in gone:
+        (folder / name).unlink()
+    (folder / renamed).rename(folder / "renamed.jpg")
+    (folder / "sub").mkdir()
+    (folder / moved).rename(folder / "sub" / "moved.jpg")
+    capsys.readouterr()
+    assert main([*index]) == 0
+    assert library() == before  # without --prune the library only grows
+    assert main([*index, "--prune"]) == 0
+    assert "pruned 2 photos whose files are gone" in capsys.readouterr().out
+    after = library()
+    assert after.keys() == (before.keys() - {*gone, renamed, moved}) | {"renamed.jpg", "sub/moved.jpg"}
+    assert after["renamed.jpg"] == before[renamed] and after["sub/moved.jpg"] == before[moved]
+    deleted_faces = [f for name in gone for f in before[name][0]]
+    with engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(Face).where(Face.id.in_(deleted_faces))).scalar() == 0
+        assert c.execute(sa.select(sa.func.count()).select_from(FacePerson)
+                         .where(FacePerson.face_id.in_(deleted_faces))).scalar() == 0
+    assert library("bob") == bob_before
+    assert main([*index, "--prune"]) == 0
+    assert "pruned 0 photos whose files are gone (their faces and embeddings deleted), 0 moved" in capsys.readouterr().out
+    engine.dispose()

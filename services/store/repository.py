@@ -260,6 +260,19 @@ def save_photo_result(session: Session, user_id: int, uri: str, result: PhotoRes
     return SavedPhoto(photo_id, uri, sha256, status, error, face_ids)
 
 
+def photo_keys(session: Session, user_id: int) -> list[tuple[int, str, str]]:
+    """(id, uri, sha256) of every photo row of the user, failed ones included."""
+    return [tuple(r) for r in session.execute(
+        sa.select(Photo.id, Photo.uri, Photo.sha256).where(Photo.user_id == user_id).order_by(Photo.id))]
+
+
+def move_photo(session: Session, user_id: int, photo_id: int, uri: str) -> None:
+    """The photo's file is now at ``uri`` (renamed or moved); faces and links stay."""
+    if session.execute(sa.update(Photo).where(Photo.id == photo_id, Photo.user_id == user_id)
+                       .values(uri=uri)).rowcount == 0:
+        raise NotFound(f"photo {photo_id}")
+
+
 def delete_photo(session: Session, user_id: int, photo_id: int) -> None:
     """Delete a photo with its faces, embeddings and person links (schema cascade)."""
     deleted = session.execute(sa.delete(Photo).where(Photo.id == photo_id, Photo.user_id == user_id))

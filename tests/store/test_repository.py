@@ -509,6 +509,7 @@ def test_another_users_objects_behave_as_missing(session, user, ten_faces, two_p
         lambda: repo.move_faces(session, bob.id, [bob_face], ann_person),
         lambda: repo.split_faces(session, bob.id, [bob_face, ten_faces[0]]),
         lambda: repo.delete_photo(session, bob.id, ann_photo),
+        lambda: repo.move_photo(session, bob.id, ann_photo, "mine.jpg"),
         lambda: repo.replace_auto_assignments(session, bob.id, {ten_faces[0]: 0}),
     ):
         with pytest.raises(repo.NotFound):
@@ -516,6 +517,7 @@ def test_another_users_objects_behave_as_missing(session, user, ten_faces, two_p
         session.rollback()
 
     assert repo.find_photo(session, bob.id, sha("a")) is None
+    assert [uri for _, uri, _ in repo.photo_keys(session, bob.id)] == ["b.jpg"]
     assert repo.user_embeddings(session, bob.id)[0].tolist() == [bob_face]
     assert [row["photo"] for row in repo.export_rows(session, bob.id)] == ["b.jpg"]
     assert session.get(Person, ann_person).name is None
