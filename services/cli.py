@@ -160,6 +160,26 @@ def cmd_person(args):
     print(done + " (kept by later `facecluster cluster` runs)")
 
 
+def cmd_forget(args):
+    """Delete a user with every photo row, face, embedding and person (the schema cascades)."""
+    from .store import repository as repo
+
+    settings = _settings(args)
+    if not args.yes:
+        raise SystemExit(f"this deletes every face and embedding of user {settings.default_user!r} "
+                         f"in {settings.database_url}; add --yes to do it")
+    sessions = _sessions(settings)
+    with sessions() as session:
+        user = repo.find_user(session, settings.default_user)
+        if user is None:
+            raise SystemExit(f"no user {settings.default_user!r} in {settings.database_url}")
+        counts = repo.user_summary(session, user.id)
+        repo.delete_user(session, user.id)
+        session.commit()
+    print(f"deleted user {settings.default_user!r}: {sum(counts['photos'].values())} photos, {counts['faces']} faces "
+          f"with their embeddings, {counts['persons']} persons (photo files are not touched)")
+
+
 def _print_persons(persons: list[dict]) -> None:
     if not persons:
         print("no persons yet: run `facecluster cluster`")
@@ -341,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("person", type=int)
         common(a)
     sp.set_defaults(func=cmd_person)
+
+    sp = sub.add_parser("forget", help="delete a user and all their faces, embeddings and persons (not the files)")
+    sp.add_argument("--yes", action="store_true", help="really delete")
+    common(sp)
+    sp.set_defaults(func=cmd_forget)
 
     # cloud path: upload into the object store + photo.uploaded events (services/publish.py)
     from .publish import add_parser as add_publish_parser

@@ -275,3 +275,40 @@ def test_prune_makes_the_library_follow_its_folder(tmp_path, capsys):
     assert main([*index, "--prune"]) == 0
     assert "pruned 0 photos whose files are gone (their faces and embeddings deleted), 0 moved" in capsys.readouterr().out
     engine.dispose()
+
+
+def test_forget_deletes_one_user_and_everything_of_theirs(tmp_path, capsys):
+    """`facecluster forget --user U --yes`: U's photos, faces, embeddings and persons go; another
+    user of the same database keeps everything; without --yes nothing happens."""
+    people, folder = two_people(tmp_path)
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    for user in ("ann", "bob"):
+        assert main(["run", str(folder), "--db", url, "--user", user, "--report", str(tmp_path / user),
+                     "--threads", "2"]) == 0
+    engine = sa.create_engine(url)
+
+    def counts() -> dict[str, tuple[int, int, int]]:
+        with engine.connect() as c:
+            return {name: (photos, faces, persons) for name, photos, faces, persons in c.execute(sa.text(
+                "SELECT u.name, (SELECT count(*) FROM photos p WHERE p.user_id = u.id), "
+                "(SELECT count(*) FROM faces f WHERE f.user_id = u.id), "
+                "(SELECT count(*) FROM persons p WHERE p.user_id = u.id) FROM users u"))}
+
+    before = counts()
+    assert before["ann"] == before["bob"] and before["ann"][1] >= 8
+    with engine.connect() as c:
+        anns_links = c.execute(sa.text("SELECT count(*) FROM face_person fp JOIN faces f ON f.id = fp.face_id "
+                                       "JOIN users u ON u.id = f.user_id WHERE u.name = 'ann'")).scalar()
+    with pytest.raises(SystemExit, match="add --yes"):
+        main(["forget", "--db", url, "--user", "bob"])
+    assert counts() == before
+    capsys.readouterr()
+    assert main(["forget", "--db", url, "--user", "bob", "--yes"]) == 0
+    assert f"deleted user 'bob': 8 photos, {before['bob'][1]} faces" in capsys.readouterr().out
+    assert counts() == {"ann": before["ann"]}
+    with engine.connect() as c:  # nothing of bob's is left in any table
+        assert c.execute(sa.select(sa.func.count()).select_from(Face)).scalar() == before["ann"][1]
+        assert c.execute(sa.select(sa.func.count()).select_from(FacePerson)).scalar() == anns_links
+    with pytest.raises(SystemExit, match="no user 'bob'"):
+        main(["forget", "--db", url, "--user", "bob", "--yes"])
+    engine.dispose()
