@@ -124,6 +124,8 @@ def cmd_export(args):
 
 def cmd_person(args):
     """Look at and correct the person albums: what a user of the embedded default has instead of the API."""
+    from .persons import repository as persons_repo
+    from .persons import service as person_service
     from .store import repository as repo
 
     settings = _settings(args)
@@ -134,23 +136,25 @@ def cmd_person(args):
             raise SystemExit(f"no user {settings.default_user!r} in {settings.database_url}: index some photos first")
         try:
             if args.action == "list":
-                _print_persons(repo.persons_overview(session, user.id, hidden=args.hidden))
+                _print_persons(persons_repo.persons_overview(session, user.id, hidden=args.hidden))
                 return
             if args.action == "name":
-                person = repo.rename_person(session, user.id, args.person, " ".join(args.name))
+                person = person_service.update_person(session, user.id, args.person, name=" ".join(args.name))
                 done = f"person {person.id} is now {person.name!r}" if person.name else f"person {person.id} has no name"
             elif args.action == "merge":
-                person = repo.merge_persons(session, user.id, args.into, args.other)
-                done = f"merged person {args.other} into person {person.id}"
+                person, _ = person_service.merge(session, user.id, args.into, args.others)
+                done = f"merged person {', '.join(map(str, args.others))} into person {person.id}"
             elif args.action == "move":
-                if args.new:
-                    target = repo.split_faces(session, user.id, args.faces).id
-                else:
-                    repo.move_faces(session, user.id, args.faces, args.to)
-                    target = args.to
-                done = f"moved {len(set(args.faces))} faces to {'new ' if args.new else ''}person {target}"
+                target = (person_service.split_faces(session, user.id, args.faces) if args.new
+                          else person_service.move_faces(session, user.id, args.faces, args.to))
+                done = f"moved {len(set(args.faces))} faces to {'new ' if args.new else ''}person {target.id}"
+            elif args.action == "reject":
+                person_service.reject_face(session, user.id, args.person, args.face)
+                done = f"face {args.face} left person {args.person} and will not be put back into it"
+            elif args.action == "undo":
+                done = f"undone: {person_service.undo(session, user.id).summary}"
             else:
-                person = repo.hide_person(session, user.id, args.person, hidden=args.action == "hide")
+                person = person_service.update_person(session, user.id, args.person, hidden=args.action == "hide")
                 done = f"person {person.id} is {'hidden' if person.hidden else 'shown again'}"
         except repo.NotFound as e:
             raise SystemExit(f"no {e} for user {settings.default_user!r}") from None
@@ -346,9 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("person", type=int)
     a.add_argument("name", nargs="*")
     common(a)
-    a = actions.add_parser("merge", help="move every face of OTHER into INTO and delete OTHER")
+    a = actions.add_parser("merge", help="move every face of the OTHER persons into INTO and delete them")
     a.add_argument("into", type=int)
-    a.add_argument("other", type=int)
+    a.add_argument("others", type=int, nargs="+", metavar="OTHER")
+    common(a)
+    a = actions.add_parser("reject", help="\"not this person\": FACE leaves PERSON and is never put back by clustering")
+    a.add_argument("person", type=int)
+    a.add_argument("face", type=int)
+    common(a)
+    a = actions.add_parser("undo", help="undo the newest correction not undone yet")
     common(a)
     a = actions.add_parser("move", help="move faces to another person, or split them off into a new one")
     a.add_argument("faces", type=int, nargs="+", metavar="FACE")

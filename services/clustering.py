@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from facecore.cluster import calibrated_distance, cluster
 
+from .persons import service as person_service
 from .store import repository as repo
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def cluster_user(sessions: sessionmaker[Session], user_name: str, model_version:
         cut = max_distance or calibrated_distance(model_version)
         labels = cluster(x, cut, min_size=min_size, photos=photos)
         assigned = {int(f): int(l) for f, l in zip(face_ids, labels) if l >= 0}
-        repo.replace_auto_assignments(session, user.id, assigned)
+        person_service.apply_clustering(session, user.id, assigned)
         session.commit()
         persons = repo.user_summary(session, user.id)["persons"]
     n_clusters = len(set(assigned.values()))

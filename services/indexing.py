@@ -27,6 +27,7 @@ from facecore.decode import PhotoError, read_bytes
 from facecore.pipeline import FacePipeline, batched
 from facecore.types import PhotoResult
 
+from .persons import service as person_service
 from .store import repository as repo
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def sync_with_folder(sessions: sessionmaker[Session], user_name: str, listed: It
                 repo.move_photo(session, user.id, photo_id, found[digest])
                 summary.moved += 1
             else:
-                repo.delete_photo(session, user.id, photo_id)
+                person_service.delete_photo(session, user.id, photo_id)
                 summary.deleted += 1
         session.commit()
     return summary

@@ -85,6 +85,7 @@ def test_switching_embedder_reembeds_in_place_and_keeps_named_persons(tmp_path, 
     """A library indexed with SFace, one person named, then run again with w600k-mbf: every
     photo is re-embedded (not skipped, not duplicated), the faces keep their ids, and the
     named person is still there, holding the same photos."""
+    from services.persons import service as person_service
     from services.store import repository as repo
     from services.store.db import make_engine, session_factory
 
@@ -110,7 +111,7 @@ def test_switching_embedder_reembeds_in_place_and_keeps_named_persons(tmp_path, 
         user = repo.find_user(s, "local")
         first = s.execute(sa.select(FacePerson.person_id).join(Face, Face.id == FacePerson.face_id)
                           .join(Photo, Photo.id == Face.photo_id).where(Photo.uri.startswith(people[0].name))).first()
-        repo.rename_person(s, user.id, first.person_id, "Ann")
+        person_service.update_person(s, user.id, first.person_id, name="Ann")
         s.commit()
     before, album = state()
     assert {v for _, v in before.values()} == {"sface-2021dec"} and album

@@ -43,6 +43,8 @@ from facecore.settings import Settings
 from .. import bus as busmod
 from ..bus import Bus, Message, dead_letter, retry, worker_args
 from ..runner import Hooks, run_worker
+from ..persons import repository as persons_repo
+from ..persons import service as person_service
 from ..store import repository as repo
 from ..store.models import User
 
@@ -71,7 +73,7 @@ class _UserFaces:
         """``user`` as read at the start of the transaction: its revision is never newer than
         the faces read here."""
         ids, x = repo.user_embeddings(session, user.id, model_version=model_version)
-        links = repo.face_links(session, user.id)
+        links = persons_repo.face_links(session, user.id)
         linked = np.array([int(i) in links for i in ids], dtype=bool)
         state = cls(partition, model_version, user.clustering_revision, np.zeros(0, np.int64), np.zeros(0, np.int64),
                     None, {})
@@ -178,12 +180,12 @@ class ClusterWorker:
                 new_ids, new_x = ids[rows][new], x[rows][new]
                 photo_of = repo.face_photo_ids(session, user.id, [*new_ids.tolist(), *state.unassigned])
                 wanted = self._assign(state, new_ids, new_x, photo_of)
-                links = repo.link_faces(session, user.id, wanted)
+                links = person_service.link_new_faces(session, user.id, wanted)
                 pool = {i: v for i, v in state.unassigned.items() if i not in links}
                 pool.update((int(i), v) for i, v in zip(new_ids, new_x) if int(i) not in links)
                 persons = []
                 for group in self._new_persons(pool, photo_of, version):
-                    person_id, members = repo.create_person(session, user.id, group)
+                    person_id, members = person_service.new_person(session, user.id, group)
                     persons.append((person_id, group, members))
                 session.commit()
                 seen, linked, made = seen + len(new_ids), linked + len(links), made + len(persons)

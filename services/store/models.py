@@ -62,6 +62,9 @@ class User(Base):
     # Goes up whenever the user's faces, vectors or person links change by any hand other than
     # the incremental cluster worker's, which keeps a copy of them and reads it again on a change.
     clustering_revision: Mapped[int] = mapped_column(sa.BigInteger, nullable=False, server_default="0")
+    # Folder an embedded library was indexed from (photo uris are relative to it); None in the
+    # cloud, where photos are read from the object store by sha256.
+    library_root: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class ApiToken(Base):
@@ -72,6 +75,7 @@ class ApiToken(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     user_id: Mapped[int] = _user_fk()
     token_sha256: Mapped[str] = mapped_column(sa.CHAR(64), nullable=False, unique=True)
+    label: Mapped[str | None] = mapped_column(sa.String(255))
     created_at: Mapped[datetime] = _created_at()
 
 
@@ -136,6 +140,11 @@ class Person(Base):
     """A group of faces. Its id and name survive re-clustering (see repository)."""
 
     __tablename__ = "persons"
+    __table_args__ = (
+        # Keyset pages of the people list in each of its orders.
+        sa.Index(None, "user_id", "face_count", "id"),
+        sa.Index(None, "user_id", "name", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     user_id: Mapped[int] = _user_fk()
@@ -144,6 +153,9 @@ class Person(Base):
     cover_face_id: Mapped[int | None] = mapped_column(
         Id, sa.ForeignKey("faces.id", ondelete="SET NULL"), index=True)
     user_confirmed: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, server_default=sa.false())
+    favorite: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, server_default=sa.false())
+    # Links to this person, kept by every writer of links (the people page sorts and filters on it).
+    face_count: Mapped[int] = mapped_column(sa.Integer, nullable=False, server_default="0")
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = mapped_column(
         Timestamp, nullable=False, server_default=sa.func.now(), onupdate=sa.func.now())
@@ -156,13 +168,46 @@ class FacePerson(Base):
     """
 
     __tablename__ = "face_person"
-    __table_args__ = (sa.CheckConstraint(_in("source", LINK_SOURCES), name="source"),)
+    __table_args__ = (
+        sa.CheckConstraint(_in("source", LINK_SOURCES), name="source"),
+        sa.Index(None, "person_id", "face_id"),  # a person's faces, paged by id
+    )
 
     face_id: Mapped[int] = mapped_column(Id, sa.ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True)
     person_id: Mapped[int] = mapped_column(
-        Id, sa.ForeignKey("persons.id", ondelete="CASCADE"), nullable=False, index=True)
+        Id, sa.ForeignKey("persons.id", ondelete="CASCADE"), nullable=False)
     source: Mapped[str] = mapped_column(sa.String(8), nullable=False)
     assigned_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False, server_default=sa.func.now())
+
+
+class FaceRejection(Base):
+    """"Not this person": the face must never be put into the person again by the clustering.
+
+    Only a user's hand (a move, a merge, an undo) can put it back.
+    """
+
+    __tablename__ = "face_rejections"
+
+    face_id: Mapped[int] = mapped_column(Id, sa.ForeignKey("faces.id", ondelete="CASCADE"), primary_key=True)
+    person_id: Mapped[int] = mapped_column(
+        Id, sa.ForeignKey("persons.id", ondelete="CASCADE"), primary_key=True, index=True)
+    user_id: Mapped[int] = _user_fk()
+    created_at: Mapped[datetime] = _created_at()
+
+
+class PersonEdit(Base):
+    """One edit a user made to their albums, with what undoing it needs (``undo``)."""
+
+    __tablename__ = "person_edits"
+    __table_args__ = (sa.Index(None, "user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    user_id: Mapped[int] = mapped_column(Id, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    kind: Mapped[str] = mapped_column(sa.String(32), nullable=False)
+    summary: Mapped[str] = mapped_column(sa.Text, nullable=False)
+    undo: Mapped[dict] = mapped_column(Json, nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+    undone_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class Job(Base):

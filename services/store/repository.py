@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -274,13 +273,11 @@ def move_photo(session: Session, user_id: int, photo_id: int, uri: str) -> None:
 
 
 def delete_photo(session: Session, user_id: int, photo_id: int) -> None:
-    """Delete a photo with its faces, embeddings and person links (schema cascade)."""
+    """Delete a photo with its faces, embeddings and person links (schema cascade); the rules
+    around it (revision, persons left empty) are ``services.persons.service.delete_photo``'s."""
     deleted = session.execute(sa.delete(Photo).where(Photo.id == photo_id, Photo.user_id == user_id))
     if deleted.rowcount == 0:
         raise NotFound(f"photo {photo_id}")
-    touch_clustering(session, user_id)
-    _drop_empty_auto_persons(session, user_id)
-    _refresh_covers(session, user_id)
 
 
 def user_embeddings(
@@ -315,6 +312,16 @@ def user_embeddings(
         return ids, np.zeros((0, 0), dtype=np.float32)
     matrix = np.frombuffer(b"".join(row.embedding for row in rows), dtype="<f4")
     return ids, matrix.reshape(len(rows), -1).astype(np.float32)
+
+
+def main_model_version(session: Session, user_id: int) -> str | None:
+    """The model version most of the user's embedded faces have (the one worth comparing)."""
+    return session.scalar(sa.select(Face.model_version).where(Face.user_id == user_id, Face.embedding.is_not(None))
+                          .group_by(Face.model_version).order_by(sa.func.count().desc()).limit(1))
+
+
+def set_library_root(session: Session, user_id: int, root: str) -> None:
+    session.execute(sa.update(User).where(User.id == user_id).values(library_root=root))
 
 
 def export_rows(session: Session, user_id: int, trash: bool = False) -> Iterator[dict]:
@@ -381,211 +388,6 @@ def user_summary(session: Session, user_id: int) -> dict:
     return {"photos": photos, **faces._asdict(), **persons._asdict(), "assigned_faces": assigned}
 
 
-# ------------------------------------------------------------------------------ persons
-
-
-def _person(session: Session, user_id: int, person_id: int) -> Person:
-    person = session.scalar(sa.select(Person).where(Person.id == person_id, Person.user_id == user_id))
-    if person is None:
-        raise NotFound(f"person {person_id}")
-    return person
-
-
-def _drop_empty_auto_persons(session: Session, user_id: int) -> None:
-    """Persons nobody named or confirmed go away once they have no faces; the others stay."""
-    session.execute(sa.delete(Person).where(
-        Person.user_id == user_id,
-        Person.name.is_(None),
-        Person.user_confirmed.is_(False),
-        ~sa.exists().where(FacePerson.person_id == Person.id),
-    ))
-
-
-def _refresh_covers(session: Session, user_id: int) -> None:
-    """Give every person whose cover face is gone or no longer theirs their best face instead."""
-    best = (
-        sa.select(FacePerson.face_id)
-        .join(Face, Face.id == FacePerson.face_id)
-        .where(FacePerson.person_id == Person.id)
-        .order_by(Face.trash, Face.blurry, Face.det_score.desc(), Face.id)
-        .limit(1)
-        .scalar_subquery()
-    )
-    cover_is_member = sa.exists().where(
-        FacePerson.face_id == Person.cover_face_id, FacePerson.person_id == Person.id)
-    has_faces = sa.exists().where(FacePerson.person_id == Person.id)
-    session.execute(
-        sa.update(Person)
-        .where(Person.user_id == user_id, ~cover_is_member,
-               sa.or_(Person.cover_face_id.is_not(None), has_faces))
-        .values(cover_face_id=best)
-        .execution_options(synchronize_session="fetch")
-    )
-
-
-def replace_auto_assignments(session: Session, user_id: int, labels: Mapping[int, int]) -> dict[int, int]:
-    """Replace the user's automatic face->person links with a new clustering.
-
-    ``labels`` maps face id -> cluster label for the faces that were clustered; a negative label
-    (noise) or a face missing from ``labels`` ends up with no automatic link. Links a user made
-    (source 'user') are never touched.
-
-    Person ids stay stable: each cluster takes over the existing person it shares the most faces
-    with (counting user and auto links; one person per cluster, largest overlap first, ties to
-    the older person), so a person keeps its id, name and hidden flag while most of its faces
-    stay together. Other clusters get new persons. Persons left without faces are deleted
-    unless named or confirmed by the user. Returns cluster label -> person id for every label
-    that has a person (a cluster made only of faces held by user links may have none).
-    """
-    user_faces = set(session.scalars(sa.select(Face.id).where(Face.user_id == user_id)))
-    unknown = labels.keys() - user_faces
-    if unknown:
-        raise NotFound(f"faces {sorted(unknown)[:10]}")
-    links = {
-        face_id: (person_id, source)
-        for face_id, person_id, source in session.execute(
-            sa.select(FacePerson.face_id, FacePerson.person_id, FacePerson.source)
-            .join(Person, Person.id == FacePerson.person_id)
-            .where(Person.user_id == user_id)
-        )
-    }
-
-    overlap = Counter(
-        (label, links[face_id][0]) for face_id, label in labels.items() if label >= 0 and face_id in links)
-    person_of: dict[int, int] = {}
-    taken: set[int] = set()
-    for label, person_id in sorted(overlap, key=lambda pair: (-overlap[pair], pair[1], pair[0])):
-        if label not in person_of and person_id not in taken:
-            person_of[label] = person_id
-            taken.add(person_id)
-
-    # Faces the clustering may place: clustered, not noise, not held by a user's link.
-    placed = {face_id: label for face_id, label in labels.items()
-              if label >= 0 and links.get(face_id, (None, "auto"))[1] == "auto"}
-    new_labels = sorted(set(placed.values()) - person_of.keys())
-    new_persons = [Person(user_id=user_id) for _ in new_labels]
-    session.add_all(new_persons)
-    session.flush()
-    person_of.update(zip(new_labels, (person.id for person in new_persons)))
-
-    target = {face_id: person_of[label] for face_id, label in placed.items()}
-    auto = {face_id: person_id for face_id, (person_id, source) in links.items() if source == "auto"}
-    removed = [{"face": face_id} for face_id in auto if face_id not in target]
-    moved = [{"face": face_id, "person": target[face_id]}
-             for face_id in auto if face_id in target and target[face_id] != auto[face_id]]
-    added = [{"face_id": face_id, "person_id": person_id, "source": "auto"}
-             for face_id, person_id in target.items() if face_id not in links]
-    if removed:
-        session.execute(_face_person.delete().where(_face_person.c.face_id == sa.bindparam("face")), removed)
-    if moved:
-        session.execute(
-            _face_person.update().where(_face_person.c.face_id == sa.bindparam("face"))
-            .values(person_id=sa.bindparam("person"), assigned_at=sa.func.now()),
-            moved,
-        )
-    if added:
-        session.execute(sa.insert(FacePerson), added)
-    touch_clustering(session, user_id)
-    _drop_empty_auto_persons(session, user_id)
-    _refresh_covers(session, user_id)
-    return person_of
-
-
-def rename_person(session: Session, user_id: int, person_id: int, name: str | None) -> Person:
-    """Set or clear (None or blank) a person's name; a named person survives re-clustering."""
-    person = _person(session, user_id, person_id)
-    person.name = (name or "").strip() or None
-    session.flush()
-    return person
-
-
-def hide_person(session: Session, user_id: int, person_id: int, hidden: bool = True) -> Person:
-    person = _person(session, user_id, person_id)
-    person.hidden = hidden
-    session.flush()
-    return person
-
-
-def merge_persons(session: Session, user_id: int, into_id: int, from_id: int) -> Person:
-    """Move every face of ``from_id`` to ``into_id`` and delete ``from_id``.
-
-    The moved links become 'user' links and ``into_id`` is marked confirmed, so a later
-    re-clustering cannot undo the merge. ``into_id`` keeps its name, or takes the other's.
-    """
-    if into_id == from_id:
-        raise ValueError("cannot merge a person into itself")
-    into = _person(session, user_id, into_id)
-    source = _person(session, user_id, from_id)
-    session.execute(
-        sa.update(FacePerson).where(FacePerson.person_id == source.id)
-        .values(person_id=into.id, source="user", assigned_at=sa.func.now())
-    )
-    into.name = into.name or source.name
-    into.user_confirmed = True
-    session.delete(source)
-    session.flush()
-    touch_clustering(session, user_id)
-    _refresh_covers(session, user_id)
-    return into
-
-
-def move_faces(session: Session, user_id: int, face_ids: Collection[int], person_id: int) -> None:
-    """Put faces into a person by hand ('user' links, which re-clustering keeps)."""
-    _move_by_hand(session, user_id, _users_faces(session, user_id, face_ids), _person(session, user_id, person_id))
-
-
-def split_faces(session: Session, user_id: int, face_ids: Collection[int]) -> Person:
-    """Take faces out of wherever they are into a new person the user made (confirmed, so it
-    stays when re-clustering leaves it empty)."""
-    faces = _users_faces(session, user_id, face_ids)
-    person = Person(user_id=user_id, user_confirmed=True)
-    session.add(person)
-    session.flush()
-    _move_by_hand(session, user_id, faces, person)
-    return person
-
-
-def _users_faces(session: Session, user_id: int, face_ids: Collection[int]) -> list[int]:
-    """``face_ids`` in order, once each; NotFound unless every one is the user's."""
-    wanted = list(dict.fromkeys(int(f) for f in face_ids))
-    if not wanted:
-        raise ValueError("no faces given")
-    found = set(session.scalars(sa.select(Face.id).where(Face.id.in_(wanted), Face.user_id == user_id)))
-    missing = [f for f in wanted if f not in found]
-    if missing:
-        raise NotFound(f"face {missing[0]}")
-    return wanted
-
-
-def _move_by_hand(session: Session, user_id: int, face_ids: list[int], person: Person) -> None:
-    for face_id in face_ids:
-        link = session.get(FacePerson, face_id)
-        if link is None:
-            session.add(FacePerson(face_id=face_id, person_id=person.id, source="user"))
-        else:
-            link.person_id, link.source, link.assigned_at = person.id, "user", sa.func.now()
-    session.flush()
-    touch_clustering(session, user_id)
-    _drop_empty_auto_persons(session, user_id)
-    _refresh_covers(session, user_id)
-
-
-def persons_overview(session: Session, user_id: int, *, hidden: bool = True) -> list[dict]:
-    """One dict per person of the user (id, name, hidden, confirmed, faces, photos), most faces
-    first; ``hidden=False`` leaves hidden persons out."""
-    faces = sa.func.count(FacePerson.face_id)
-    query = (sa.select(Person.id, Person.name, Person.hidden, Person.user_confirmed.label("confirmed"),
-                       faces.label("faces"), sa.func.count(sa.distinct(Face.photo_id)).label("photos"))
-             .outerjoin(FacePerson, FacePerson.person_id == Person.id)
-             .outerjoin(Face, Face.id == FacePerson.face_id)
-             .where(Person.user_id == user_id)
-             .group_by(Person.id, Person.name, Person.hidden, Person.user_confirmed)
-             .order_by(faces.desc(), Person.id))
-    if not hidden:
-        query = query.where(Person.hidden.is_(False))
-    return [row._asdict() for row in session.execute(query)]
-
-
 # ------------------------------------------------------------------------------ cloud workers
 
 
@@ -622,53 +424,3 @@ def face_embeddings(session: Session, user_id: int, face_ids: Collection[int]
         raise ValueError(f"embeddings of user {user_id} have different sizes")
     matrix = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
     return ids, [row.model_version for row in rows], matrix
-
-
-def face_links(session: Session, user_id: int) -> dict[int, int]:
-    """face id -> person id for every face of the user that belongs to a person."""
-    return dict(session.execute(
-        sa.select(FacePerson.face_id, FacePerson.person_id)
-        .join(Person, Person.id == FacePerson.person_id).where(Person.user_id == user_id)).all())
-
-
-def _unlinked_faces(session: Session, user_id: int, face_ids: Collection[int]) -> set[int]:
-    return set(session.scalars(sa.select(Face.id).where(
-        Face.user_id == user_id, Face.id.in_(list(face_ids)), ~sa.exists().where(FacePerson.face_id == Face.id))))
-
-
-def link_faces(session: Session, user_id: int, links: Mapping[int, int]) -> dict[int, int]:
-    """Add automatic links face id -> existing person id; returns the links made.
-
-    Faces that already belong to someone, and persons that are gone or another user's, are
-    skipped, so replaying the same links is harmless and a stale caller cannot resurrect a
-    merged person.
-    """
-    if not links:
-        return {}
-    persons = set(session.scalars(
-        sa.select(Person.id).where(Person.user_id == user_id, Person.id.in_(set(links.values())))))
-    free = _unlinked_faces(session, user_id, links.keys())
-    made = {face: person for face, person in links.items() if face in free and person in persons}
-    if made:
-        session.execute(sa.insert(FacePerson),
-                        [{"face_id": f, "person_id": p, "source": "auto"} for f, p in made.items()])
-        _refresh_covers(session, user_id)
-    return made
-
-
-def create_person(session: Session, user_id: int, face_ids: Collection[int]) -> tuple[int | None, set[int]]:
-    """A new person holding those of ``face_ids`` that are the user's and unlinked (auto links).
-
-    Returns (person id, faces linked); (None, empty set) when no face was free, so a replayed
-    request never leaves an empty person behind.
-    """
-    free = _unlinked_faces(session, user_id, face_ids)
-    if not free:
-        return None, set()
-    person = Person(user_id=user_id)
-    session.add(person)
-    session.flush()
-    session.execute(sa.insert(FacePerson),
-                    [{"face_id": f, "person_id": person.id, "source": "auto"} for f in sorted(free)])
-    _refresh_covers(session, user_id)
-    return person.id, free

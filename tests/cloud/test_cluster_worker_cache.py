@@ -22,6 +22,8 @@ from facecore.types import FaceRecord, PhotoResult
 from services import bus as busmod
 from services.bus import Message
 from services.cluster_worker.worker import ClusterWorker
+from services.persons import service as person_service
+from services.persons import repository as persons_repo
 from services.store import repository as repo
 from services.store.db import session_factory
 from services.store.models import User
@@ -84,7 +86,7 @@ def event(name: str, face_ids: list[int], offset: int) -> Message:
 def persons(sessions, name: str) -> dict[int, set[int]]:
     with sessions() as s:
         out: dict[int, set[int]] = {}
-        for face, person in repo.face_links(s, repo.find_user(s, name).id).items():
+        for face, person in persons_repo.face_links(s, repo.find_user(s, name).id).items():
             out.setdefault(person, set()).add(face)
         return out
 
@@ -105,9 +107,9 @@ def test_a_new_face_is_judged_against_the_users_faces_as_they_are_now(ann, chang
     with sessions() as s:
         user = repo.find_user(s, name)
         if change.startswith("delete"):
-            repo.delete_photo(s, user.id, repo.face_photo_ids(s, user.id, [faces["a2"]])[faces["a2"]])
+            person_service.delete_photo(s, user.id, repo.face_photo_ids(s, user.id, [faces["a2"]])[faces["a2"]])
         else:
-            repo.move_faces(s, user.id, [faces["a2"]], q)
+            person_service.move_faces(s, user.id, [faces["a2"]], q)
         s.commit()
 
     faces["n"] = upload(sessions, name, "n")
@@ -143,7 +145,7 @@ def test_the_sweep_forgets_deleted_users_and_changed_copies_without_an_event(ann
     assert worker.users.keys() == {name, *others}  # nothing changed: every copy stays
     with sessions() as s:
         user = repo.find_user(s, name)
-        repo.delete_photo(s, user.id, repo.face_photo_ids(s, user.id, [faces[name, "a2"]])[faces[name, "a2"]])
+        person_service.delete_photo(s, user.id, repo.face_photo_ids(s, user.id, [faces[name, "a2"]])[faces[name, "a2"]])
         repo.delete_user(s, repo.find_user(s, others[0]).id)
         s.commit()
     worker.sweep()  # too soon after the last one: nothing read

@@ -13,6 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from facecore.types import FaceRecord, PhotoResult
+from services.persons import service as person_service
+from services.persons import repository as persons_repo
 from services.store import repository as repo
 from services.store.models import FacePerson, Person
 
@@ -66,16 +68,16 @@ def test_link_faces_skips_taken_faces_and_foreign_or_missing_persons(session, us
     ann, bob = users
     a = store(session, ann, "a.jpg", *(face(i) for i in range(4)))
     b = store(session, bob, "b.jpg", face(0))
-    person, members = repo.create_person(session, ann, a[:1])
-    bobs, _ = repo.create_person(session, bob, b)
+    person, members = person_service.new_person(session, ann, a[:1])
+    bobs, _ = person_service.new_person(session, bob, b)
     session.commit()
     assert members == {a[0]}
 
-    made = repo.link_faces(session, ann, {a[0]: person, a[1]: person, a[2]: bobs, a[3]: 10**9, b[0]: person})
+    made = person_service.link_new_faces(session, ann, {a[0]: person, a[1]: person, a[2]: bobs, a[3]: 10**9, b[0]: person})
     session.commit()
     assert made == {a[1]: person}
-    assert repo.face_links(session, ann) == {a[0]: person, a[1]: person}
-    assert repo.link_faces(session, ann, {a[1]: person}) == {}  # a replay changes nothing
+    assert persons_repo.face_links(session, ann) == {a[0]: person, a[1]: person}
+    assert person_service.link_new_faces(session, ann, {a[1]: person}) == {}  # a replay changes nothing
     sources = set(session.scalars(sa.select(FacePerson.source).where(FacePerson.person_id == person)))
     assert sources == {"auto"}
     assert session.get(Person, person).cover_face_id in (a[0], a[1])
@@ -84,13 +86,13 @@ def test_link_faces_skips_taken_faces_and_foreign_or_missing_persons(session, us
 def test_create_person_takes_only_free_faces_and_never_leaves_an_empty_one(session, users):
     ann, bob = users
     a = store(session, ann, "a.jpg", *(face(i) for i in range(3)))
-    first, members = repo.create_person(session, ann, a[:2])
+    first, members = person_service.new_person(session, ann, a[:2])
     session.commit()
     assert members == set(a[:2]) and session.get(Person, first).cover_face_id == a[0]
-    second, members = repo.create_person(session, ann, a)  # a replay: only the third face is free
+    second, members = person_service.new_person(session, ann, a)  # a replay: only the third face is free
     assert members == {a[2]} and second not in (None, first)
-    assert repo.create_person(session, ann, a) == (None, set())
-    assert repo.create_person(session, bob, a) == (None, set())  # another user's faces
+    assert person_service.new_person(session, ann, a) == (None, set())
+    assert person_service.new_person(session, bob, a) == (None, set())  # another user's faces
     session.commit()
     persons = session.scalar(sa.select(sa.func.count()).select_from(Person).where(Person.user_id == ann))
     assert persons == 2

@@ -19,6 +19,8 @@ from badinput import lfw_dev
 from services import bus as busmod
 from services.cli import main
 from services.publish import object_key, publish_photos
+from services.persons import service as person_service
+from services.persons import repository as persons_repo
 from services.store import repository as repo
 from services.store.db import make_engine, session_factory
 from services.store.models import Face, FacePerson, Person, Photo, User
@@ -89,7 +91,7 @@ def test_reembed_job_rewrites_stale_faces_keeps_names_and_survives_lost_objects(
         ann = repo.find_user(s, "ann")
         first = s.execute(sa.select(FacePerson.person_id).join(Face, Face.id == FacePerson.face_id)
                           .join(Photo, Photo.id == Face.photo_id).where(Photo.uri.startswith(people[0]))).first()
-        repo.rename_person(s, ann.id, first.person_id, "Zoe")
+        person_service.update_person(s, ann.id, first.person_id, name="Zoe")
         s.commit()
     before, bob_before, named = faces("ann"), faces("bob"), album("Zoe")
     assert {v for _, v, _ in before.values()} == {"sface-2021dec"} and len(named) == 3
@@ -171,7 +173,7 @@ def test_cluster_worker_files_later_uploads_under_the_persons_the_job_kept(tmp_p
         ann = repo.find_user(s, "ann")
         zoe = s.execute(sa.select(FacePerson.person_id).join(Face, Face.id == FacePerson.face_id)
                         .join(Photo, Photo.id == Face.photo_id).where(Photo.uri.startswith(people[0]))).first()[0]
-        repo.rename_person(s, ann.id, zoe, "Zoe")
+        person_service.update_person(s, ann.id, zoe, name="Zoe")
         s.commit()
 
     monkeypatch.setenv("FACECLUSTER_EMBEDDER", "w600k-mbf")
@@ -220,7 +222,7 @@ def test_cluster_worker_files_later_uploads_under_the_persons_the_job_kept(tmp_p
     assert sum(p.startswith(people[0]) for p in after_job[zoe]) == 4  # re-clustered: the upload joined Zoe
     assert consume(9) == 9  # the job's announcements, one per re-embedded photo
     with sessions() as s:
-        zoes_faces = {f for f, p in repo.face_links(s, ann.id).items() if p == zoe}
+        zoes_faces = {f for f, p in persons_repo.face_links(s, ann.id).items() if p == zoe}
     assert set(worker.users["ann"].assigned_ids.tolist()) >= zoes_faces  # read again, not dropped
 
     upload(4)

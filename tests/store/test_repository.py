@@ -9,6 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 from facecore.types import FaceRecord, PhotoResult
+from services.persons import service as person_service
+from services.persons import repository as persons_repo
 from services.store import repository as repo
 from services.store.models import ApiToken, Face, FacePerson, Job, Person, Photo, User
 
@@ -219,7 +221,7 @@ def test_stale_faces_are_found_by_user_and_photo_and_rewritten_in_place(session,
     new = repo.save_photo_result(session, user.id, "d.jpg", photo("d", face(0, model_version="w600k-mbf")))
     repo.save_photo_result(session, bob.id, "e.jpg", photo("e", face(0, model_version="w600k-mbf")))
     repo.save_photo_result(session, bob.id, "a.jpg", photo("a", face(0)))  # same bytes as ann's a.jpg
-    person, _ = repo.create_person(session, user.id, ten_faces[:3])
+    person, _ = person_service.new_person(session, user.id, ten_faces[:3])
     session.commit()
     a, b = (repo.find_photo(session, user.id, sha(n)).id for n in "ab")
 
@@ -257,12 +259,12 @@ def test_stale_faces_are_found_by_user_and_photo_and_rewritten_in_place(session,
 
 
 def test_deleting_a_photo_deletes_its_faces_and_links(session, user, ten_faces):
-    persons = repo.replace_auto_assignments(session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})
-    repo.rename_person(session, user.id, persons[0], "Ann")
+    persons = person_service.apply_clustering(session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})
+    person_service.update_person(session, user.id, persons[0], name="Ann")
     session.commit()
     photo_a = session.scalar(sa.select(Face.photo_id).where(Face.id == ten_faces[0]))
 
-    repo.delete_photo(session, user.id, photo_a)
+    person_service.delete_photo(session, user.id, photo_a)
     session.commit()
     assert count(session, Face, Face.id.in_(ten_faces[:5])) == 0
     assert count(session, FacePerson, FacePerson.face_id.in_(ten_faces[:5])) == 0
@@ -274,16 +276,16 @@ def test_deleting_a_photo_deletes_its_faces_and_links(session, user, ten_faces):
 
 
 def test_deleting_a_photo_drops_an_unnamed_person_left_empty(session, user, ten_faces):
-    persons = repo.replace_auto_assignments(session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})
+    persons = person_service.apply_clustering(session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})
     session.commit()
-    repo.delete_photo(session, user.id, session.scalar(sa.select(Face.photo_id).where(Face.id == ten_faces[0])))
+    person_service.delete_photo(session, user.id, session.scalar(sa.select(Face.photo_id).where(Face.id == ten_faces[0])))
     session.commit()
     assert session.scalars(sa.select(Person.id)).all() == [persons[1]]
 
 
 def test_the_database_itself_cascades_deletes(session, user, ten_faces):
     # Plain SQL, no repository and no ORM: the schema alone must remove the biometric data.
-    repo.replace_auto_assignments(session, user.id, dict.fromkeys(ten_faces, 0))
+    person_service.apply_clustering(session, user.id, dict.fromkeys(ten_faces, 0))
     session.commit()
     session.execute(sa.text("DELETE FROM photos WHERE uri = 'a.jpg'"))
     assert count(session, Face) == 5 and count(session, FacePerson) == 5
@@ -294,7 +296,7 @@ def test_the_database_itself_cascades_deletes(session, user, ten_faces):
 def test_deleting_a_user_deletes_everything_of_theirs(session, user, ten_faces):
     bob = repo.get_or_create_user(session, "bob")
     repo.save_photo_result(session, bob.id, "b.jpg", photo("b", face(0)))
-    repo.replace_auto_assignments(session, user.id, dict.fromkeys(ten_faces, 0))
+    person_service.apply_clustering(session, user.id, dict.fromkeys(ten_faces, 0))
     session.add_all([ApiToken(user_id=user.id, token_sha256=sha("token")),
                      Job(user_id=user.id, kind="index", status="done")])
     session.commit()
@@ -314,7 +316,7 @@ def test_deleting_a_user_deletes_everything_of_theirs(session, user, ten_faces):
 
 def test_new_clusters_become_new_persons(session, user, ten_faces):
     labels = {f: (0 if i < 4 else 1 if i < 9 else -1) for i, f in enumerate(ten_faces)}
-    persons = repo.replace_auto_assignments(session, user.id, labels)
+    persons = person_service.apply_clustering(session, user.id, labels)
     session.commit()
     assert sorted(persons) == [0, 1] and persons[0] != persons[1]
     assert links(session, user.id) == {
@@ -325,16 +327,16 @@ def test_new_clusters_become_new_persons(session, user, ten_faces):
 
 
 def test_reclustering_keeps_person_ids_names_and_user_links(session, user, ten_faces):
-    first = repo.replace_auto_assignments(session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})
-    repo.rename_person(session, user.id, first[0], "Ann")
-    repo.hide_person(session, user.id, first[1])
+    first = person_service.apply_clustering(session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})
+    person_service.update_person(session, user.id, first[0], name="Ann")
+    person_service.update_person(session, user.id, first[1], hidden=True)
     # the user says face 0 is the second person
-    repo.move_faces(session, user.id, [ten_faces[0]], first[1])
+    person_service.move_faces(session, user.id, [ten_faces[0]], first[1])
     session.commit()
 
     # different label numbers; face 4 now clusters with the second group; face 0 with the first
     labels = {f: 7 if i < 4 else 3 for i, f in enumerate(ten_faces)}
-    second = repo.replace_auto_assignments(session, user.id, labels)
+    second = person_service.apply_clustering(session, user.id, labels)
     session.commit()
 
     assert second == {7: first[0], 3: first[1]}
@@ -347,20 +349,20 @@ def test_reclustering_keeps_person_ids_names_and_user_links(session, user, ten_f
 
 
 def test_largest_overlap_keeps_the_person_when_a_cluster_splits(session, user, ten_faces):
-    first = repo.replace_auto_assignments(session, user.id, dict.fromkeys(ten_faces, 0))
+    first = person_service.apply_clustering(session, user.id, dict.fromkeys(ten_faces, 0))
     session.commit()
-    second = repo.replace_auto_assignments(session, user.id, {f: 0 if i < 3 else 1 for i, f in enumerate(ten_faces)})
+    second = person_service.apply_clustering(session, user.id, {f: 0 if i < 3 else 1 for i, f in enumerate(ten_faces)})
     session.commit()
     assert second[1] == first[0] and second[0] != first[0]
 
 
 def test_noise_and_unclustered_faces_lose_auto_links_and_empty_auto_persons_go(session, user, ten_faces):
-    first = repo.replace_auto_assignments(session, user.id, {f: i // 4 for i, f in enumerate(ten_faces)})
-    repo.rename_person(session, user.id, first[0], "Ann")
-    repo.merge_persons(session, user.id, first[1], first[2])  # confirmed by the user
+    first = person_service.apply_clustering(session, user.id, {f: i // 4 for i, f in enumerate(ten_faces)})
+    person_service.update_person(session, user.id, first[0], name="Ann")
+    person_service.merge(session, user.id, first[1], [first[2]])[0]  # confirmed by the user
     session.commit()
 
-    second = repo.replace_auto_assignments(session, user.id, {f: -1 for f in ten_faces[:5]})
+    second = person_service.apply_clustering(session, user.id, {f: -1 for f in ten_faces[:5]})
     session.commit()
     assert second == {}
     remaining = links(session, user.id)
@@ -371,7 +373,7 @@ def test_noise_and_unclustered_faces_lose_auto_links_and_empty_auto_persons_go(s
 def test_reclustering_only_accepts_the_users_faces(session, user, ten_faces):
     bob = repo.get_or_create_user(session, "bob")
     with pytest.raises(repo.NotFound):
-        repo.replace_auto_assignments(session, bob.id, {ten_faces[0]: 0})
+        person_service.apply_clustering(session, bob.id, {ten_faces[0]: 0})
 
 
 # ------------------------------------------------------------------------------ person edits
@@ -379,21 +381,21 @@ def test_reclustering_only_accepts_the_users_faces(session, user, ten_faces):
 
 @pytest.fixture
 def two_persons(session, user, ten_faces) -> dict[int, int]:
-    persons = repo.replace_auto_assignments(session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})
+    persons = person_service.apply_clustering(session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})
     session.commit()
     return persons
 
 
 def test_rename_and_hide(session, user, two_persons):
-    assert repo.rename_person(session, user.id, two_persons[0], "  Ann ").name == "Ann"
-    assert repo.rename_person(session, user.id, two_persons[0], " ").name is None
-    assert repo.hide_person(session, user.id, two_persons[0]).hidden
-    assert not repo.hide_person(session, user.id, two_persons[0], hidden=False).hidden
+    assert person_service.update_person(session, user.id, two_persons[0], name="  Ann ").name == "Ann"
+    assert person_service.update_person(session, user.id, two_persons[0], name=" ").name is None
+    assert person_service.update_person(session, user.id, two_persons[0], hidden=True).hidden
+    assert not person_service.update_person(session, user.id, two_persons[0], hidden=False).hidden
 
 
 def test_merge_moves_faces_as_user_links(session, user, ten_faces, two_persons):
-    repo.rename_person(session, user.id, two_persons[1], "Bob")
-    merged = repo.merge_persons(session, user.id, two_persons[0], two_persons[1])
+    person_service.update_person(session, user.id, two_persons[1], name="Bob")
+    merged = person_service.merge(session, user.id, two_persons[0], [two_persons[1]])[0]
     session.commit()
     assert merged.id == two_persons[0] and merged.name == "Bob" and merged.user_confirmed
     assert session.get(Person, two_persons[1]) is None
@@ -401,13 +403,13 @@ def test_merge_moves_faces_as_user_links(session, user, ten_faces, two_persons):
     assert {current[f] for f in ten_faces[5:]} == {(two_persons[0], "user")}
     assert {current[f] for f in ten_faces[:5]} == {(two_persons[0], "auto")}
     with pytest.raises(ValueError):
-        repo.merge_persons(session, user.id, two_persons[0], two_persons[0])
+        person_service.merge(session, user.id, two_persons[0], [two_persons[0]])[0]
 
 
 def test_moving_the_cover_face_picks_a_new_cover(session, user, ten_faces, two_persons):
     person = session.get(Person, two_persons[0])
     cover = person.cover_face_id
-    repo.move_faces(session, user.id, [cover], two_persons[1])
+    person_service.move_faces(session, user.id, [cover], two_persons[1])
     session.commit()
     session.refresh(person)
     assert person.cover_face_id not in (None, cover)
@@ -415,33 +417,33 @@ def test_moving_the_cover_face_picks_a_new_cover(session, user, ten_faces, two_p
 
 
 def test_split_faces_form_a_confirmed_person_that_reclustering_keeps(session, user, ten_faces, two_persons):
-    person = repo.split_faces(session, user.id, [ten_faces[1], ten_faces[6], ten_faces[1]])
+    person = person_service.split_faces(session, user.id, [ten_faces[1], ten_faces[6], ten_faces[1]])
     session.commit()
     assert person.user_confirmed and person.name is None
     assert {f: links(session, user.id)[f] for f in (ten_faces[1], ten_faces[6])} == {
         ten_faces[1]: (person.id, "user"), ten_faces[6]: (person.id, "user")}
-    repo.replace_auto_assignments(session, user.id, dict.fromkeys(ten_faces, 0))  # one cluster of everything
+    person_service.apply_clustering(session, user.id, dict.fromkeys(ten_faces, 0))  # one cluster of everything
     session.commit()
     assert [f for f, (p, _) in links(session, user.id).items() if p == person.id] == [ten_faces[1], ten_faces[6]]
     with pytest.raises(ValueError):
-        repo.split_faces(session, user.id, [])
+        person_service.split_faces(session, user.id, [])
 
 
 def test_persons_overview_counts_faces_and_photos(session, user, ten_faces, two_persons):
-    repo.move_faces(session, user.id, [ten_faces[5]], two_persons[0])  # photo b joins person 0
-    repo.rename_person(session, user.id, two_persons[0], "Ann")
-    repo.hide_person(session, user.id, two_persons[1])
+    person_service.move_faces(session, user.id, [ten_faces[5]], two_persons[0])  # photo b joins person 0
+    person_service.update_person(session, user.id, two_persons[0], name="Ann")
+    person_service.update_person(session, user.id, two_persons[1], hidden=True)
     session.commit()
-    overview = repo.persons_overview(session, user.id)
+    overview = persons_repo.persons_overview(session, user.id)
     assert overview == [
         {"id": two_persons[0], "name": "Ann", "hidden": False, "confirmed": False, "faces": 6, "photos": 2},
         {"id": two_persons[1], "name": None, "hidden": True, "confirmed": False, "faces": 4, "photos": 1}]
-    assert repo.persons_overview(session, user.id, hidden=False) == overview[:1]
+    assert persons_repo.persons_overview(session, user.id, hidden=False) == overview[:1]
 
 
 def test_moving_the_last_face_away_drops_an_auto_person(session, user, ten_faces):
-    persons = repo.replace_auto_assignments(session, user.id, {ten_faces[0]: 0, ten_faces[1]: 1})
-    repo.move_faces(session, user.id, [ten_faces[0]], persons[1])
+    persons = person_service.apply_clustering(session, user.id, {ten_faces[0]: 0, ten_faces[1]: 1})
+    person_service.move_faces(session, user.id, [ten_faces[0]], persons[1])
     session.commit()
     assert session.get(Person, persons[0]) is None
 
@@ -469,18 +471,18 @@ def test_clustering_revision_moves_with_every_change_but_the_cluster_workers_own
     # the worker's own writes, and what it learns from events anyway: new photos
     assert not moved(lambda: photo_c.append(repo.save_photo_result(session, user.id, "c.jpg", photo("c", face(3)))))
     persons = {}
-    assert not moved(lambda: persons.update(p=repo.create_person(session, user.id, ten_faces[:2])[0]))
-    assert not moved(lambda: repo.link_faces(session, user.id, {ten_faces[2]: persons["p"]}))
-    assert not moved(lambda: repo.rename_person(session, user.id, persons["p"], "Ann"))
-    assert not moved(lambda: repo.hide_person(session, user.id, persons["p"]))
+    assert not moved(lambda: persons.update(p=person_service.new_person(session, user.id, ten_faces[:2])[0]))
+    assert not moved(lambda: person_service.link_new_faces(session, user.id, {ten_faces[2]: persons["p"]}))
+    assert not moved(lambda: person_service.update_person(session, user.id, persons["p"], name="Ann"))
+    assert not moved(lambda: person_service.update_person(session, user.id, persons["p"], hidden=True))
     # everyone else's
-    assert moved(lambda: repo.move_faces(session, user.id, [ten_faces[3]], persons["p"]))
-    assert moved(lambda: persons.update(two=repo.replace_auto_assignments(
+    assert moved(lambda: person_service.move_faces(session, user.id, [ten_faces[3]], persons["p"]))
+    assert moved(lambda: persons.update(two=person_service.apply_clustering(
         session, user.id, {f: 0 if i < 5 else 1 for i, f in enumerate(ten_faces)})))
-    assert moved(lambda: repo.merge_persons(session, user.id, persons["two"][0], persons["two"][1]))
+    assert moved(lambda: person_service.merge(session, user.id, persons["two"][0], [persons["two"][1]])[0])
     assert moved(lambda: repo.update_face_vectors(session, user.id, ten_faces[:1], [face(0, seed=99)]))
     assert not moved(lambda: repo.update_face_vectors(session, user.id, [photo_c[0].face_ids[0] + 1000], [face(0)]))
-    assert moved(lambda: repo.delete_photo(session, user.id, photo_c[0].id))
+    assert moved(lambda: person_service.delete_photo(session, user.id, photo_c[0].id))
     pending = Photo(user_id=user.id, uri="d.jpg", sha256=sha("d"), status="pending")
     session.add(pending)
     session.flush()
@@ -496,21 +498,21 @@ def test_another_users_objects_behave_as_missing(session, user, ten_faces, two_p
     bob = repo.get_or_create_user(session, "bob")
     repo.save_photo_result(session, bob.id, "b.jpg", photo("bob", face(0)))
     bob_face = session.scalar(sa.select(Face.id).where(Face.user_id == bob.id))
-    bob_person = repo.replace_auto_assignments(session, bob.id, {bob_face: 0})[0]
+    bob_person = person_service.apply_clustering(session, bob.id, {bob_face: 0})[0]
     session.commit()
     ann_person, ann_photo = two_persons[0], session.scalar(sa.select(Face.photo_id).where(Face.id == ten_faces[0]))
 
     for attempt in (
-        lambda: repo.rename_person(session, bob.id, ann_person, "mine"),
-        lambda: repo.hide_person(session, bob.id, ann_person),
-        lambda: repo.merge_persons(session, bob.id, bob_person, ann_person),
-        lambda: repo.merge_persons(session, bob.id, ann_person, bob_person),
-        lambda: repo.move_faces(session, bob.id, [ten_faces[0]], bob_person),
-        lambda: repo.move_faces(session, bob.id, [bob_face], ann_person),
-        lambda: repo.split_faces(session, bob.id, [bob_face, ten_faces[0]]),
-        lambda: repo.delete_photo(session, bob.id, ann_photo),
+        lambda: person_service.update_person(session, bob.id, ann_person, name="mine"),
+        lambda: person_service.update_person(session, bob.id, ann_person, hidden=True),
+        lambda: person_service.merge(session, bob.id, bob_person, [ann_person])[0],
+        lambda: person_service.merge(session, bob.id, ann_person, [bob_person])[0],
+        lambda: person_service.move_faces(session, bob.id, [ten_faces[0]], bob_person),
+        lambda: person_service.move_faces(session, bob.id, [bob_face], ann_person),
+        lambda: person_service.split_faces(session, bob.id, [bob_face, ten_faces[0]]),
+        lambda: person_service.delete_photo(session, bob.id, ann_photo),
         lambda: repo.move_photo(session, bob.id, ann_photo, "mine.jpg"),
-        lambda: repo.replace_auto_assignments(session, bob.id, {ten_faces[0]: 0}),
+        lambda: person_service.apply_clustering(session, bob.id, {ten_faces[0]: 0}),
     ):
         with pytest.raises(repo.NotFound):
             attempt()
@@ -533,7 +535,7 @@ def test_export_rows(session, user):
         session, user.id, "b.jpg", photo("b", face(1, attributes={}), face(0), face(2, trash=True)))
     repo.save_photo_result(session, user.id, "a.jpg", photo("a", face(0, det_score=0.5)))
     ids = {f.face_index: f.id for f in faces_of(session, saved.id)}
-    person = repo.replace_auto_assignments(session, user.id, {ids[0]: 0})[0]
+    person = person_service.apply_clustering(session, user.id, {ids[0]: 0})[0]
     session.commit()
 
     rows = list(repo.export_rows(session, user.id))
@@ -542,8 +544,8 @@ def test_export_rows(session, user):
     assert rows[0] == {"photo": "a.jpg", "face": 0, "x1": 10.0, "y1": 20.0, "x2": 110.5, "y2": 140.25,
                        "score": 0.5, "blur": 0.8, "person": None, "gender": "F",
                        "face_id": rows[0]["face_id"], "blurry": False, "person_name": None, "person_hidden": False}
-    repo.rename_person(session, user.id, person, "Ann")
-    repo.hide_person(session, user.id, person)
+    person_service.update_person(session, user.id, person, name="Ann")
+    person_service.update_person(session, user.id, person, hidden=True)
     row = next(r for r in repo.export_rows(session, user.id) if r["person"] == person)
     assert (row["person_name"], row["person_hidden"]) == ("Ann", True)
     # the non-face is only listed when asked for, and then alone (the report's "Not faces")
@@ -561,8 +563,8 @@ def test_face_photo_ids_only_for_the_owner(session, user):
 def test_user_summary(session, user, two_persons):
     repo.save_photo_result(session, user.id, "c.jpg", photo("c", face(0, blurry=True), face(1, trash=True)))
     repo.save_photo_result(session, user.id, "x.jpg", PhotoResult(key="x.jpg", error="unreadable"))
-    repo.hide_person(session, user.id, two_persons[1])
-    repo.rename_person(session, user.id, two_persons[0], "Ann")
+    person_service.update_person(session, user.id, two_persons[1], hidden=True)
+    person_service.update_person(session, user.id, two_persons[0], name="Ann")
     session.commit()
     assert repo.user_summary(session, user.id) == {
         "photos": {"pending": 0, "indexed": 3, "failed": 1},

@@ -1,0 +1,344 @@
+"""The rules about persons, in one place: the CLI, the API, the batch cluster job, the cluster
+worker and the re-embedding job all call these functions and never change persons otherwise.
+
+- Person ids are stable: a re-clustering hands each cluster the existing person it overlaps most.
+- What a user did is a decision later clustering obeys: a link the user made ('user' source) is
+  never changed by clustering, a merged or split person is confirmed (kept when empty), and a
+  face the user said is "not this person" is never put back into that person automatically.
+- Every change of links bumps the user's clustering revision (the cluster worker's copy of the
+  user is read again) and keeps each touched person's face count and cover right; persons that
+  nobody named or confirmed go away once empty.
+- Every edit by the user is logged with what undoing it needs; ``undo`` reverts the newest one.
+
+Functions take a Session and the caller's user id, raise ``NotFound`` for ids that are not the
+user's (exactly as for ids that do not exist), ``ValueError`` for requests that cannot be done,
+and never commit: the edge (request, command, batch) commits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from services.store import repository as store
+from services.store.models import Person, PersonEdit
+from services.store.repository import NotFound
+
+from . import repository as repo
+
+__all__ = ["NotFound", "NothingToUndo", "apply_clustering", "merge", "move_faces", "split_faces", "reject_face",
+           "update_person", "undo", "link_new_faces", "new_person", "delete_photo", "delete_user",
+           "suggestions", "uncertain_faces"]
+
+UNSET = object()
+
+
+class NothingToUndo(ValueError):
+    """The user has no edit left to undo."""
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _after_link_change(session: Session, user_id: int, person_ids: Collection[int]) -> None:
+    store.touch_clustering(session, user_id)
+    repo.drop_empty_auto_persons(session, user_id, person_ids)
+    repo.refresh_persons(session, user_id, person_ids)
+
+
+def _snapshot(session: Session, user_id: int, person_ids: Collection[int], face_ids: Collection[int]) -> dict:
+    """What undoing a change of these persons and faces needs: their rows, links and rejections."""
+    links = repo.links_of(session, user_id, face_ids)
+    return {
+        "persons": repo.person_rows(session, user_id, person_ids),
+        "person_ids": sorted({int(p) for p in person_ids}),
+        "links": [[int(f), *links.get(int(f), (None, None))] for f in face_ids],
+        "rejections": [list(r) for r in repo.rejections(session, user_id, face_ids=face_ids, person_ids=person_ids)],
+    }
+
+
+def _log(session: Session, user_id: int, kind: str, summary: str, snapshot: dict, *, created: Collection[int] = ()
+         ) -> PersonEdit:
+    return repo.add_edit(session, user_id, kind, summary, {**snapshot, "created": sorted(created)})
+
+
+def _label(person: Person) -> str:
+    return repr(person.name) if person.name else f"person {person.id}"
+
+
+# ------------------------------------------------------------------------------ the user's edits
+
+
+def update_person(session: Session, user_id: int, person_id: int, *, name=UNSET, hidden=UNSET, favorite=UNSET,
+                  cover_face_id=UNSET) -> Person:
+    """Rename (None or blank clears), hide or show, mark a favourite, or choose the cover face
+    (one of the person's own faces); one logged edit, whatever the combination."""
+    person = repo.get_person(session, user_id, person_id)
+    changes = {}
+    if name is not UNSET:
+        changes["name"] = (name or "").strip() or None
+        if changes["name"] is not None and len(changes["name"]) > 255:
+            raise ValueError("a name has at most 255 characters")
+    if hidden is not UNSET:
+        changes["hidden"] = bool(hidden)
+    if favorite is not UNSET:
+        changes["favorite"] = bool(favorite)
+    if cover_face_id is not UNSET:
+        if cover_face_id is None:
+            raise ValueError("cover_face_id must be one of the person's faces")
+        store_face, owner = repo.get_face(session, user_id, cover_face_id)
+        if owner != person.id:
+            raise ValueError(f"face {cover_face_id} is not a face of person {person.id}")
+        changes["cover_face_id"] = store_face.id
+    changes = {k: v for k, v in changes.items() if getattr(person, k) != v}
+    if not changes:
+        return person
+    snapshot = _snapshot(session, user_id, [person.id], [])
+    words = {"name": lambda v: f"renamed to {v!r}" if v else "name cleared",
+             "hidden": lambda v: "hidden" if v else "shown", "favorite": lambda v: "favourite" if v else "not favourite",
+             "cover_face_id": lambda v: f"cover set to face {v}"}
+    summary = f"{_label(person)}: " + ", ".join(words[k](v) for k, v in changes.items())
+    repo.update_person(session, person, **changes)
+    _log(session, user_id, "update", summary, snapshot)
+    return person
+
+
+def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[int]) -> tuple[Person, list[dict]]:
+    """Every face of ``other_ids`` joins ``person_id`` as the user's own link and the others are
+    deleted; the target is confirmed and keeps its name (or takes the first merged person's).
+    Faces rejected from a merged person stay rejected from the target. One result per id."""
+    others = list(dict.fromkeys(int(p) for p in other_ids))
+    if not others:
+        raise ValueError("no persons to merge given")
+    if person_id in others:
+        raise ValueError("cannot merge a person into itself")
+    target = repo.get_person(session, user_id, person_id)
+    found = repo.get_persons(session, user_id, others)
+    faces = repo.faces_of_persons(session, others)
+    snapshot = _snapshot(session, user_id, [person_id, *others], faces)
+    counts = Counter(p for _, (p, _) in repo.links_of(session, user_id, faces).items())
+    moved_rejections = [(f, person_id) for f, p in repo.rejections(session, user_id, person_ids=others)]
+    repo.move_person_links(session, others, person_id)
+    repo.add_rejections(session, user_id, moved_rejections)
+    name = target.name or next((found[p].name for p in others if found[p].name), None)
+    repo.update_person(session, target, name=name, user_confirmed=True)
+    repo.delete_persons(session, user_id, others)
+    _after_link_change(session, user_id, [person_id])
+    _log(session, user_id, "merge", f"merged {len(others)} into {_label(target)} ({len(faces)} faces)", snapshot)
+    return target, [{"person_id": p, "merged": True, "faces": counts.get(p, 0)} for p in others]
+
+
+def move_faces(session: Session, user_id: int, face_ids: Collection[int], person_id: int) -> Person:
+    """Put faces into a person by hand: 'user' links, which clustering keeps; a rejection of
+    these faces from that person is lifted (the user has now said they belong)."""
+    faces = repo.owned_faces(session, user_id, face_ids)
+    target = repo.get_person(session, user_id, person_id)
+    before = {p for p, _ in repo.links_of(session, user_id, faces).values()}
+    snapshot = _snapshot(session, user_id, before | {person_id}, faces)
+    repo.set_links(session, dict.fromkeys(faces, person_id), "user")
+    repo.delete_rejection_pairs(session, user_id, [(f, person_id) for f in faces])
+    _after_link_change(session, user_id, before | {person_id})
+    _log(session, user_id, "move", f"moved {len(faces)} faces to {_label(target)}", snapshot)
+    return target
+
+
+def split_faces(session: Session, user_id: int, face_ids: Collection[int]) -> Person:
+    """Take faces out of wherever they are into a new person the user made (confirmed, so it
+    stays when re-clustering leaves it empty)."""
+    faces = repo.owned_faces(session, user_id, face_ids)
+    before = {p for p, _ in repo.links_of(session, user_id, faces).values()}
+    snapshot = _snapshot(session, user_id, before, faces)
+    person = repo.new_person(session, user_id, confirmed=True)
+    repo.set_links(session, dict.fromkeys(faces, person.id), "user")
+    _after_link_change(session, user_id, before | {person.id})
+    _log(session, user_id, "split", f"split {len(faces)} faces into person {person.id}", snapshot,
+         created=[person.id])
+    return person
+
+
+def reject_face(session: Session, user_id: int, person_id: int, face_id: int) -> Person:
+    """"Not this person": the face leaves the person (it is then in no person) and no later
+    assignment or re-clustering puts it back into it."""
+    person = repo.get_person(session, user_id, person_id)
+    face, owner = repo.get_face(session, user_id, face_id)
+    if owner != person.id:
+        raise NotFound(f"face {face_id} in person {person_id}")
+    snapshot = _snapshot(session, user_id, [person.id], [face.id])
+    repo.unlink(session, [face.id])
+    repo.add_rejections(session, user_id, [(face.id, person.id)])
+    _after_link_change(session, user_id, [person.id])
+    _log(session, user_id, "reject", f"face {face.id} is not {_label(person)}", snapshot)
+    return person
+
+
+def undo(session: Session, user_id: int) -> PersonEdit:
+    """Revert the user's newest edit not undone yet: persons, links and rejections it touched
+    go back to how they were (faces deleted since stay deleted)."""
+    edit = repo.last_open_edit(session, user_id)
+    if edit is None:
+        raise NothingToUndo("nothing to undo")
+    state = edit.undo
+    persons = set(state["person_ids"]) | set(state.get("created", []))
+    faces = [f for f, _, _ in state["links"]]
+    now_in = {p for p, _ in repo.links_of(session, user_id, faces).values()}
+    for row in state["persons"]:
+        repo.restore_person(session, user_id, row)
+    repo.restore_links(session, [tuple(link) for link in state["links"]])
+    repo.delete_rejections(session, user_id, face_ids=faces, person_ids=persons)
+    alive = repo.existing_persons(session, user_id, {p for _, p in state["rejections"]})
+    repo.add_rejections(session, user_id, [(f, p) for f, p in state["rejections"] if p in alive])
+    created = [p for p in state.get("created", []) if not repo.faces_of_persons(session, [p])]
+    repo.delete_persons(session, user_id, created)
+    if faces:
+        _after_link_change(session, user_id, persons | now_in)
+    else:
+        repo.refresh_persons(session, user_id, persons)
+    repo.mark_undone(session, edit)
+    return edit
+
+
+def edits(session: Session, user_id: int, limit: int = 20) -> list[PersonEdit]:
+    return repo.edits(session, user_id, limit)
+
+
+# ------------------------------------------------------------------------------ clustering
+
+
+def apply_clustering(session: Session, user_id: int, labels: Mapping[int, int]) -> dict[int, int]:
+    """Replace the user's automatic links with a new clustering (face id -> label; negative or
+    missing = in no person). Returns label -> person id for every label that got a person.
+
+    Each cluster takes over the existing person it shares the most faces with (user and auto
+    links counted; one person per cluster, largest overlap first, ties to the older person), so
+    ids, names and flags stay while most faces stay together; other clusters get new persons.
+    'user' links are never touched, and no face goes into a person it was rejected from.
+    """
+    unknown = set(labels) - set(store.face_photo_ids(session, user_id, labels))
+    if unknown:
+        raise NotFound(f"faces {sorted(unknown)[:10]}")
+    links = repo.user_links(session, user_id)
+    overlap = Counter((label, links[f][0]) for f, label in labels.items() if label >= 0 and f in links)
+    person_of: dict[int, int] = {}
+    taken: set[int] = set()
+    for label, person_id in sorted(overlap, key=lambda pair: (-overlap[pair], pair[1], pair[0])):
+        if label not in person_of and person_id not in taken:
+            person_of[label] = person_id
+            taken.add(person_id)
+
+    placed = {f: label for f, label in labels.items() if label >= 0 and links.get(f, (None, "auto"))[1] == "auto"}
+    new_labels = sorted(set(placed.values()) - person_of.keys())
+    person_of.update(zip(new_labels, repo.new_persons(session, user_id, len(new_labels))))
+
+    rejected = repo.rejected_persons(session, user_id)
+    target = {f: person_of[label] for f, label in placed.items() if person_of[label] not in rejected.get(f, ())}
+    auto = {f: p for f, (p, source) in links.items() if source == "auto"}
+    repo.apply_link_changes(
+        session,
+        removed=[f for f in auto if f not in target],
+        moved={f: target[f] for f in auto if f in target and target[f] != auto[f]},
+        added={f: p for f, p in target.items() if f not in links})
+    store.touch_clustering(session, user_id)
+    repo.drop_empty_auto_persons(session, user_id)
+    repo.refresh_persons(session, user_id)
+    alive = repo.existing_persons(session, user_id, set(person_of.values()))
+    return {label: p for label, p in person_of.items() if p in alive}
+
+
+def link_new_faces(session: Session, user_id: int, links: Mapping[int, int]) -> dict[int, int]:
+    """The cluster worker's automatic links face -> existing person; returns those made.
+
+    Faces already in a person, persons gone or another user's, and persons a face was rejected
+    from are skipped, so a replay is harmless and a stale worker cannot resurrect a merged person.
+    It leaves the clustering revision alone: the worker's copy has these links already.
+    """
+    if not links:
+        return {}
+    persons = repo.existing_persons(session, user_id, set(links.values()))
+    free = repo.unlinked_faces(session, user_id, links.keys())
+    rejected = repo.rejected_persons(session, user_id, links.keys())
+    made = {f: p for f, p in links.items() if f in free and p in persons and p not in rejected.get(f, ())}
+    repo.add_auto_links(session, made)
+    repo.refresh_persons(session, user_id, set(made.values()))
+    return made
+
+
+def new_person(session: Session, user_id: int, face_ids: Collection[int]) -> tuple[int | None, set[int]]:
+    """A new person (automatic) of those of ``face_ids`` that are the user's and in no person;
+    (None, empty set) when none is free, so a replay never leaves an empty person behind."""
+    free = repo.unlinked_faces(session, user_id, face_ids)
+    if not free:
+        return None, set()
+    person = repo.new_person(session, user_id)
+    repo.add_auto_links(session, dict.fromkeys(sorted(free), person.id))
+    repo.refresh_persons(session, user_id, [person.id])
+    return person.id, free
+
+
+# ------------------------------------------------------------------------------ deletion
+
+
+def delete_photo(session: Session, user_id: int, photo_id: int) -> list[int]:
+    """Delete a photo with its faces, embeddings, links and rejections (schema cascade); returns
+    the ids of the faces it had, for the callers' caches."""
+    faces = store.photo_face_ids(session, user_id, photo_id)
+    persons = {p for p, _ in repo.links_of(session, user_id, faces).values()} if faces else set()
+    store.delete_photo(session, user_id, photo_id)
+    _after_link_change(session, user_id, persons)
+    return faces
+
+
+def delete_user(session: Session, user_id: int) -> None:
+    """Delete the user with every photo, face, embedding, person, token and edit (cascade)."""
+    store.delete_user(session, user_id)
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class _Vectors:
+    face_ids: np.ndarray
+    person_of: np.ndarray  # -1 = in no person
+    x: np.ndarray
+
+
+def _vectors(session: Session, user_id: int) -> _Vectors:
+    ids, x = store.user_embeddings(session, user_id, model_version=store.main_model_version(session, user_id))
+    links = repo.face_links(session, user_id)
+    person_of = np.array([links.get(int(f), -1) for f in ids], np.int64)
+    return _Vectors(ids, person_of, x)
+
+
+def suggestions(session: Session, user_id: int, person_id: int, limit: int = 10) -> list[tuple[Person, float]]:
+    """Other persons most like this one (cosine of face centroids): merge candidates."""
+    from .suggest import person_centroids, similar_persons
+
+    repo.get_person(session, user_id, person_id)
+    v = _vectors(session, user_id)
+    linked = v.person_of >= 0
+    if not linked.any():
+        return []
+    person_ids, centroids = person_centroids(v.person_of[linked], v.x[linked])
+    if person_id not in set(person_ids.tolist()):
+        return []
+    ranked = similar_persons(person_ids, centroids, person_id, limit)
+    found = repo.get_persons(session, user_id, [p for p, _ in ranked]) if ranked else {}
+    return [(found[p], float(s)) for p, s in ranked]
+
+
+def uncertain_faces(session: Session, user_id: int, limit: int = 10) -> list[tuple[int, int, float]]:
+    """(face id, person id, margin) of the faces the clustering is least sure of, least sure first."""
+    from .suggest import least_sure_faces, person_centroids
+
+    v = _vectors(session, user_id)
+    linked = v.person_of >= 0
+    if not linked.any():
+        return []
+    person_ids, centroids = person_centroids(v.person_of[linked], v.x[linked])
+    ranked = least_sure_faces(v.face_ids[linked], v.person_of[linked], v.x[linked], person_ids, centroids, limit)
+    person_of = dict(zip(v.face_ids.tolist(), v.person_of.tolist()))
+    return [(int(f), int(person_of[int(f)]), float(m)) for f, m in ranked]
