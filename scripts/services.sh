@@ -11,6 +11,9 @@
 # jars of org.apache.kafka:kafka_2.13 on Maven Central (version pinned in scripts/kafka/pom.xml),
 # cached under $FACECLUSTER_CACHE (default ~/.cache/facecluster); its config, data and logs live
 # in var/services/ of this checkout (ignored by git).
+#
+# `start` also installs Debian's Chromium (only if missing; nothing runs) for the browser tests,
+# which drive it through playwright: playwright's own browser downloads are not used.
 set -euo pipefail
 # runuser, pg_createcluster helpers and apt live in sbin, which a non-login shell may not have
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
@@ -370,6 +373,25 @@ kafka_status() {
     fi
 }
 
+# ------------------------------------------------------------------------------ Chromium
+
+# tests/browser.py finds the browser the same way: $FACECLUSTER_CHROMIUM, else chromium or
+# chromium-browser on PATH.
+chromium_found() {
+    if [ -n "${FACECLUSTER_CHROMIUM:-}" ]; then
+        [ -x "$FACECLUSTER_CHROMIUM" ] || die "FACECLUSTER_CHROMIUM=$FACECLUSTER_CHROMIUM is not an executable file"
+        return 0
+    fi
+    command -v chromium >/dev/null || command -v chromium-browser >/dev/null
+}
+
+chromium_ensure() {
+    chromium_found && return
+    apt_install chromium
+    command -v chromium >/dev/null || die "apt-get installed chromium but there is no chromium on PATH"
+    log "installed $(chromium --version 2>/dev/null | head -n 1) at $(command -v chromium)"
+}
+
 # ------------------------------------------------------------------------------ main
 
 print_env() {
@@ -388,9 +410,9 @@ case "${1:-}" in
 esac
 
 case "${1:-}" in
-    start) pg_start; kafka_start ;;
+    start) pg_start; kafka_start; chromium_ensure ;;
     stop) kafka_stop; pg_stop ;;
-    restart) kafka_stop; pg_stop; pg_start; kafka_start ;;
+    restart) kafka_stop; pg_stop; pg_start; kafka_start; chromium_ensure ;;
     restart-pg) pg_stop; pg_start ;;
     restart-kafka) kafka_stop; kafka_start ;;
     status)
