@@ -32,6 +32,7 @@ const FACES_PAGE = 120;
 const THUMB_SIZE = 160;
 const IMG_CACHE_MAX = 400;
 const IMG_CONCURRENCY = 6;
+const MAX_FACES_PER_EDIT = 1000; // the API takes at most 1,000 face ids in one body
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const nf = new Intl.NumberFormat();
@@ -978,7 +979,7 @@ function buildPerson(v) {
   });
   e.coverBox = h('div', { class: 'person-cover has-img noimg' }, e.cover);
   e.nameInput = h('input', {
-    id: 'person-name', type: 'text', autocomplete: 'off', placeholder: 'Unnamed', 'data-testid': 'person-name-input',
+    id: 'person-name', type: 'text', autocomplete: 'off', placeholder: 'Unnamed', maxlength: 255, 'data-testid': 'person-name-input',
     onkeydown: (ev) => {
       if (ev.key === 'Escape' && v.person) e.nameInput.value = v.person.name || '';
     },
@@ -1337,9 +1338,16 @@ function notThisPerson(v) {
   });
 }
 
+function tooManyFaces(ids) {
+  if (ids.length <= MAX_FACES_PER_EDIT) return false;
+  toast(`Select at most ${nf.format(MAX_FACES_PER_EDIT)} faces at a time.`, { error: true });
+  return true;
+}
+
 async function moveTo(v) {
   if (v.busy || !v.selected.size) return;
   const ids = selectedIds(v);
+  if (tooManyFaces(ids)) return;
   const target = await pickPerson({ title: `Move ${plural(ids.length, 'face')} to…`, exclude: v.id });
   if (!target || v.closed) return;
   await runEdit(v, async () => {
@@ -1356,6 +1364,7 @@ async function moveTo(v) {
 function splitOff(v) {
   return runEdit(v, async () => {
     const ids = selectedIds(v);
+    if (tooManyFaces(ids)) return;
     const created = await api('/people', { method: 'POST', body: { face_ids: ids } });
     if (v.closed) return;
     removeFaces(v, ids);
@@ -1375,7 +1384,8 @@ function mergeOutcome(res, ids) {
   const failed = results.filter((r) => r && typeof r === 'object' && (
     r.ok === false || r.merged === false || r.error || r.detail || (typeof r.status === 'number' && r.status >= 400)));
   const merged = results.length ? results.length - failed.length : ids.length;
-  return { merged, failed };
+  const faces = results.reduce((sum, r) => sum + (r && r.merged !== false && typeof r.faces === 'number' ? r.faces : 0), 0);
+  return { merged, failed, faces };
 }
 
 function mergeInto(v, others) {
@@ -1383,13 +1393,15 @@ function mergeInto(v, others) {
     const ids = others.map((o) => o.id);
     const res = await api(`/people/${v.id}/merge`, { method: 'POST', body: { person_ids: ids } });
     if (v.closed) return;
-    const { merged, failed } = mergeOutcome(res, ids);
+    const { merged, failed, faces } = mergeOutcome(res, ids);
     people.stale.add(v.id);
     for (const id of ids) people.stale.add(id);
-    if (merged) editToast(`Merged ${merged + 1} people.`);
+    if (merged) editToast(`Merged ${merged + 1} people${faces ? ` (${plural(faces, 'face')} joined)` : ''}.`);
     for (const r of failed) {
       const id = r.person_id ?? r.id;
-      toast(`${id != null ? `Person ${id}: ` : ''}${describeDetail(r.detail ?? r.error, r.status)}`, { error: true });
+      const detail = r.detail ?? r.error;
+      const why = detail ? describeDetail(detail, r.status) : 'was not merged: it may have been merged or deleted already.';
+      toast(`${id != null ? `Person ${id} ` : 'A person '}${why}`, { error: true });
     }
     const p = isPerson(res) ? res : (isPerson(res?.person) ? res.person : null);
     if (p) setPerson(v, p);
