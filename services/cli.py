@@ -71,6 +71,7 @@ def cmd_index(args, settings: Settings | None = None):
             summary = index_items(pipeline, sessions, settings.default_user, items, progress=bar.update)
     finally:
         pipeline.close()
+    _remember_library(sessions, settings.default_user, root)
     rate = summary.seen / summary.seconds if summary.seconds else 0.0
     print(f"indexed {summary.indexed} photos ({summary.faces} faces, {summary.blurry_faces} blurry, "
           f"{summary.trash_faces} not faces), "
@@ -82,12 +83,37 @@ def cmd_index(args, settings: Settings | None = None):
         print(f"  failed: {n} x {reason}")
     if getattr(args, "prune", False):
         synced = sync_with_folder(sessions, settings.default_user, [uri for uri, _ in items], summary.found)
+        _forget_thumbnails(sessions, settings.default_user, synced.deleted_faces)
         print(f"pruned {synced.deleted} photos whose files are gone (their faces and embeddings deleted), "
               f"{synced.moved} moved or renamed photos followed")
     if summary.stage_seconds and summary.indexed:
         print("  ms per indexed photo: " + ", ".join(
             f"{k} {1000 * v / summary.indexed:.1f}" for k, v in summary.stage_seconds.items()))
     return summary, sessions
+
+
+def _forget_thumbnails(sessions, user_name: str, face_ids: list[int]) -> None:
+    """Cached thumbnails of deleted faces go with them (the API's cache, when one runs here)."""
+    from .settings import ServiceSettings
+    from .store import repository as repo
+    from .thumbnails import ThumbnailCache
+
+    if face_ids:
+        with sessions() as session:
+            user = repo.find_user(session, user_name)
+        if user is not None:
+            ThumbnailCache(ServiceSettings().thumbnail_cache).forget_faces(user.id, face_ids)
+
+
+def _remember_library(sessions, user_name: str, root: Path) -> None:
+    """The API cuts thumbnails from the files, so it needs to know where the library's folder is."""
+    from .store import repository as repo
+
+    with sessions() as session:
+        user = repo.find_user(session, user_name)
+        if user is not None:
+            repo.set_library_root(session, user.id, str(root.resolve()))
+            session.commit()
 
 
 def cmd_cluster(args, settings: Settings | None = None):
@@ -166,7 +192,10 @@ def cmd_person(args):
 
 def cmd_forget(args):
     """Delete a user with every photo row, face, embedding and person (the schema cascades)."""
+    from .persons import service as person_service
+    from .settings import ServiceSettings
     from .store import repository as repo
+    from .thumbnails import ThumbnailCache
 
     settings = _settings(args)
     if not args.yes:
@@ -178,10 +207,58 @@ def cmd_forget(args):
         if user is None:
             raise SystemExit(f"no user {settings.default_user!r} in {settings.database_url}")
         counts = repo.user_summary(session, user.id)
-        repo.delete_user(session, user.id)
+        person_service.delete_user(session, user.id)
         session.commit()
+    ThumbnailCache(ServiceSettings().thumbnail_cache).forget_user(user.id)
     print(f"deleted user {settings.default_user!r}: {sum(counts['photos'].values())} photos, {counts['faces']} faces "
           f"with their embeddings, {counts['persons']} persons (photo files are not touched)")
+
+
+def cmd_token(args):
+    """Bearer tokens of the API; only their sha256 is stored, so a token is shown once."""
+    from . import tokens
+    from .store import repository as repo
+
+    settings = _settings(args)
+    sessions = _sessions(settings)
+    with sessions() as session:
+        if args.action == "create":
+            token_id, token = tokens.create(session, settings.default_user, args.label)
+            session.commit()
+            print(f"token {token_id} for user {settings.default_user!r} (shown once; keep it secret):")
+            print(token)
+        elif args.action == "list":
+            user = repo.find_user(session, args.user) if args.user else None
+            if args.user and user is None:
+                raise SystemExit(f"no user {args.user!r} in {settings.database_url}")
+            rows = repo.tokens(session, user.id if user else None)
+            if not rows:
+                print("no tokens: make one with `facecluster token create --user NAME`")
+            for token_id, name, label, created in rows:
+                print(f"{token_id:>6}  {name}  {created:%Y-%m-%d %H:%M}  {label or ''}".rstrip())
+        else:
+            try:
+                repo.delete_token(session, args.token_id)
+            except repo.NotFound:
+                raise SystemExit(f"no token {args.token_id} in {settings.database_url}") from None
+            session.commit()
+            print(f"token {args.token_id} revoked")
+
+
+def cmd_serve(args):
+    import uvicorn
+
+    from .api.app import create_app
+    from .settings import ServiceSettings
+
+    settings = _settings(args)
+    service = ServiceSettings()
+    app = create_app(settings.database_url, settings=settings, service_settings=service)
+    host, port = args.host or service.api_host, args.port or service.api_port
+    print(f"serving {settings.database_url} on http://{host}:{port}/ (API under /api/v1, "
+          f"OpenAPI at /openapi.json); make a token with `facecluster token create --user NAME`", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info" if args.verbose else "warning",
+                workers=1, proxy_headers=True)
 
 
 def _print_persons(persons: list[dict]) -> None:
@@ -371,6 +448,26 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("person", type=int)
         common(a)
     sp.set_defaults(func=cmd_person)
+
+    sp = sub.add_parser("serve", help="serve the person-album API (/api/v1) and its web page (/)",
+                        description="Serves the API under /api/v1 (OpenAPI at /openapi.json) and the web page at /. "
+                                    "Embedded: the SQLite file `run` made; cloud: a PostgreSQL URL.")
+    sp.add_argument("--host", help="address to listen on (default: FACECLUSTER_API_HOST or 127.0.0.1)")
+    sp.add_argument("--port", type=int, help="port (default: FACECLUSTER_API_PORT or 8000)")
+    common(sp, user=False)
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("token", help="make, list and revoke the API's bearer tokens")
+    actions = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("create", help="a new token for --user (printed alone on the last line, once)")
+    a.add_argument("--label", help="what the token is for, shown by `token list`")
+    common(a)
+    a = actions.add_parser("list", help="tokens (id, user, created, label); never the tokens themselves")
+    common(a)
+    a = actions.add_parser("revoke", help="delete a token: its holder gets 401 from then on")
+    a.add_argument("token_id", type=int, metavar="ID")
+    common(a, user=False)
+    sp.set_defaults(func=cmd_token)
 
     sp = sub.add_parser("forget", help="delete a user and all their faces, embeddings and persons (not the files)")
     sp.add_argument("--yes", action="store_true", help="really delete")

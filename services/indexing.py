@@ -189,6 +189,7 @@ def store_reembedded(sessions: sessionmaker[Session], user_id: int, face_ids: Se
 class SyncSummary:
     deleted: int = 0  # photos whose files are gone: deleted with their faces and embeddings
     moved: int = 0  # photos whose bytes are now under another path: their uri follows
+    deleted_faces: list[int] = field(default_factory=list)  # ids of the deleted photos' faces (for caches)
 
 
 def sync_with_folder(sessions: sessionmaker[Session], user_name: str, listed: Iterable[str],
@@ -210,7 +211,7 @@ def sync_with_folder(sessions: sessionmaker[Session], user_name: str, listed: It
                 repo.move_photo(session, user.id, photo_id, found[digest])
                 summary.moved += 1
             else:
-                person_service.delete_photo(session, user.id, photo_id)
+                summary.deleted_faces += person_service.delete_photo(session, user.id, photo_id)
                 summary.deleted += 1
         session.commit()
     return summary

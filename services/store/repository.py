@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from facecore.types import FaceRecord, PhotoResult
-from services.store.models import PHOTO_STATUSES, Face, FacePerson, Person, Photo, User
+from services.store.models import PHOTO_STATUSES, ApiToken, Face, FacePerson, Person, Photo, User
 
 T = TypeVar("T")
 
@@ -424,3 +424,34 @@ def face_embeddings(session: Session, user_id: int, face_ids: Collection[int]
         raise ValueError(f"embeddings of user {user_id} have different sizes")
     matrix = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
     return ids, [row.model_version for row in rows], matrix
+
+
+# ------------------------------------------------------------------------------ API tokens
+
+
+def add_token(session: Session, user_id: int, token_sha256: str, label: str | None) -> ApiToken:
+    token = ApiToken(user_id=user_id, token_sha256=token_sha256, label=label)
+    session.add(token)
+    session.flush()
+    return token
+
+
+def token_owner(session: Session, token_sha256: str) -> tuple[int, str, str] | None:
+    """(user id, user name, stored sha256) of the token with this sha256, if any."""
+    row = session.execute(sa.select(User.id, User.name, ApiToken.token_sha256).join(ApiToken, ApiToken.user_id == User.id)
+                          .where(ApiToken.token_sha256 == token_sha256)).first()
+    return tuple(row) if row else None
+
+
+def tokens(session: Session, user_id: int | None = None) -> list[tuple[int, str, str | None, object]]:
+    """(token id, user name, label, created at) of every token (of one user)."""
+    query = (sa.select(ApiToken.id, User.name, ApiToken.label, ApiToken.created_at)
+             .join(User, User.id == ApiToken.user_id).order_by(ApiToken.id))
+    if user_id is not None:
+        query = query.where(ApiToken.user_id == user_id)
+    return [tuple(r) for r in session.execute(query)]
+
+
+def delete_token(session: Session, token_id: int) -> None:
+    if session.execute(sa.delete(ApiToken).where(ApiToken.id == token_id)).rowcount == 0:
+        raise NotFound(f"token {token_id}")

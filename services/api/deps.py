@@ -1,0 +1,60 @@
+"""What every request needs: a database session, the caller, cursors."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from .. import tokens
+
+bearer = HTTPBearer(auto_error=False, description="a token from `facecluster token create --user NAME`")
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+@dataclass(frozen=True)
+class Caller:
+    user_id: int
+    name: str
+
+
+def get_caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+               session: Session = Depends(get_session)) -> Caller:
+    found = tokens.authenticate(session, credentials.credentials) if credentials else None
+    if found is None:
+        raise HTTPException(401, "a valid bearer token is needed: Authorization: Bearer <token> "
+                                 "(make one with `facecluster token create --user NAME`)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return Caller(*found)
+
+
+def encode_cursor(key: list) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, shape: tuple[type, ...]) -> list | None:
+    """The sort key a cursor carries, checked against ``shape`` (types; ``type(None)`` allowed
+    where a name may be missing); a cursor that is not ours answers 400."""
+    if not cursor:
+        return None
+    try:
+        key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        key = None
+    ok = (isinstance(key, list) and len(key) == len(shape)
+          and all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(key, shape)))
+    if ok and any(isinstance(v, int) and not (-2**63 <= v < 2**63) for v in key):
+        ok = False
+    if not ok:
+        raise HTTPException(400, "cursor is not one this API gave out: pass next_cursor of the previous page")
+    return key
