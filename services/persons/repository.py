@@ -25,18 +25,21 @@ PERSON_FIELDS = ("name", "hidden", "favorite", "user_confirmed", "cover_face_id"
 # ------------------------------------------------------------------------------ persons
 
 
-def get_person(session: Session, user_id: int, person_id: int) -> Person:
-    person = session.scalar(sa.select(Person).where(Person.id == person_id, Person.user_id == user_id))
+def get_person(session: Session, user_id: int, person_id: int, *, lock: bool = False) -> Person:
+    """``lock`` holds the row until commit: edits that move links lock the persons they touch."""
+    query = sa.select(Person).where(Person.id == person_id, Person.user_id == user_id)
+    person = session.scalar(query.with_for_update() if lock else query)
     if person is None:
         raise NotFound(f"person {person_id}")
     return person
 
 
-def get_persons(session: Session, user_id: int, person_ids: Collection[int]) -> dict[int, Person]:
+def get_persons(session: Session, user_id: int, person_ids: Collection[int], *, lock: bool = False
+                ) -> dict[int, Person]:
     """The user's persons among ``person_ids``; NotFound names the first that is not theirs."""
     wanted = list(dict.fromkeys(int(p) for p in person_ids))
-    found = {p.id: p for p in session.scalars(
-        sa.select(Person).where(Person.user_id == user_id, Person.id.in_(wanted)))}
+    query = sa.select(Person).where(Person.user_id == user_id, Person.id.in_(wanted)).order_by(Person.id)
+    found = {p.id: p for p in session.scalars(query.with_for_update() if lock else query)}
     for person_id in wanted:
         if person_id not in found:
             raise NotFound(f"person {person_id}")
@@ -162,13 +165,24 @@ def faces_of_persons(session: Session, person_ids: Collection[int]) -> list[int]
                                 .order_by(FacePerson.face_id)))
 
 
+def _upsert_dialect(session: Session):
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
 def set_links(session: Session, links: Mapping[int, int], source: str) -> None:
-    """face id -> person id, replacing whatever link each face had (callers checked ownership)."""
+    """face id -> person id, replacing whatever link each face had (callers checked ownership);
+    an upsert, so a link the cluster worker adds meanwhile is overwritten rather than a conflict."""
     if not links:
         return
-    session.execute(_face_person.delete().where(_face_person.c.face_id.in_(list(links))))
-    session.execute(sa.insert(FacePerson), [{"face_id": f, "person_id": p, "source": source}
-                                            for f, p in links.items()])
+    stmt = _upsert_dialect(session)(FacePerson.__table__)
+    stmt = stmt.on_conflict_do_update(index_elements=["face_id"], set_={
+        "person_id": stmt.excluded.person_id, "source": stmt.excluded.source, "assigned_at": sa.func.now()})
+    session.execute(stmt, [{"face_id": f, "person_id": p, "source": source} for f, p in links.items()])
 
 
 def restore_links(session: Session, links: Iterable[tuple[int, int | None, str | None]]) -> None:
@@ -218,15 +232,21 @@ def unlinked_faces(session: Session, user_id: int, face_ids: Collection[int]) ->
         Face.user_id == user_id, Face.id.in_(list(face_ids)), ~sa.exists().where(FacePerson.face_id == Face.id))))
 
 
-def existing_persons(session: Session, user_id: int, person_ids: Collection[int]) -> set[int]:
-    return set(session.scalars(sa.select(Person.id).where(Person.user_id == user_id,
-                                                          Person.id.in_(list(person_ids)))))
+def existing_persons(session: Session, user_id: int, person_ids: Collection[int], *, lock: bool = False
+                     ) -> set[int]:
+    """Those of ``person_ids`` that are the user's; ``lock`` holds them (FOR SHARE on PostgreSQL)
+    until commit, so a concurrent merge cannot delete one under links about to point at it."""
+    query = sa.select(Person.id).where(Person.user_id == user_id, Person.id.in_(list(person_ids)))
+    return set(session.scalars(query.with_for_update(read=True) if lock else query))
 
 
-def add_auto_links(session: Session, links: Mapping[int, int]) -> None:
-    if links:
-        session.execute(sa.insert(FacePerson), [{"face_id": f, "person_id": p, "source": "auto"}
-                                                for f, p in links.items()])
+def add_auto_links(session: Session, links: Mapping[int, int]) -> set[int]:
+    """Automatic links for faces still in no person; returns the faces linked (a face a user
+    linked meanwhile keeps the user's link)."""
+    if not links:
+        return set()
+    stmt = _upsert_dialect(session)(FacePerson.__table__).on_conflict_do_nothing().returning(FacePerson.face_id)
+    return set(session.scalars(stmt, [{"face_id": f, "person_id": p, "source": "auto"} for f, p in links.items()]))
 
 
 # ------------------------------------------------------------------------------ "not this person"

@@ -116,8 +116,8 @@ def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[
         raise ValueError("no persons to merge given")
     if person_id in others:
         raise ValueError("cannot merge a person into itself")
-    target = repo.get_person(session, user_id, person_id)
-    found = repo.get_persons(session, user_id, others)
+    found = repo.get_persons(session, user_id, [person_id, *others], lock=True)
+    target = found[person_id]
     faces = repo.faces_of_persons(session, others)
     snapshot = _snapshot(session, user_id, [person_id, *others], faces)
     counts = Counter(p for _, (p, _) in repo.links_of(session, user_id, faces).items())
@@ -136,7 +136,7 @@ def move_faces(session: Session, user_id: int, face_ids: Collection[int], person
     """Put faces into a person by hand: 'user' links, which clustering keeps; a rejection of
     these faces from that person is lifted (the user has now said they belong)."""
     faces = repo.owned_faces(session, user_id, face_ids)
-    target = repo.get_person(session, user_id, person_id)
+    target = repo.get_person(session, user_id, person_id, lock=True)
     before = {p for p, _ in repo.links_of(session, user_id, faces).values()}
     snapshot = _snapshot(session, user_id, before | {person_id}, faces)
     repo.set_links(session, dict.fromkeys(faces, person_id), "user")
@@ -163,7 +163,7 @@ def split_faces(session: Session, user_id: int, face_ids: Collection[int]) -> Pe
 def reject_face(session: Session, user_id: int, person_id: int, face_id: int) -> Person:
     """"Not this person": the face leaves the person (it is then in no person) and no later
     assignment or re-clustering puts it back into it."""
-    person = repo.get_person(session, user_id, person_id)
+    person = repo.get_person(session, user_id, person_id, lock=True)
     face, owner = repo.get_face(session, user_id, face_id)
     if owner != person.id:
         raise NotFound(f"face {face_id} in person {person_id}")
@@ -257,11 +257,12 @@ def link_new_faces(session: Session, user_id: int, links: Mapping[int, int]) -> 
     """
     if not links:
         return {}
-    persons = repo.existing_persons(session, user_id, set(links.values()))
+    persons = repo.existing_persons(session, user_id, set(links.values()), lock=True)
     free = repo.unlinked_faces(session, user_id, links.keys())
     rejected = repo.rejected_persons(session, user_id, links.keys())
-    made = {f: p for f, p in links.items() if f in free and p in persons and p not in rejected.get(f, ())}
-    repo.add_auto_links(session, made)
+    wanted = {f: p for f, p in links.items() if f in free and p in persons and p not in rejected.get(f, ())}
+    linked = repo.add_auto_links(session, wanted)
+    made = {f: p for f, p in wanted.items() if f in linked}
     repo.refresh_persons(session, user_id, set(made.values()))
     return made
 
@@ -273,9 +274,12 @@ def new_person(session: Session, user_id: int, face_ids: Collection[int]) -> tup
     if not free:
         return None, set()
     person = repo.new_person(session, user_id)
-    repo.add_auto_links(session, dict.fromkeys(sorted(free), person.id))
+    linked = repo.add_auto_links(session, dict.fromkeys(sorted(free), person.id))
+    if not linked:
+        repo.delete_persons(session, user_id, [person.id])
+        return None, set()
     repo.refresh_persons(session, user_id, [person.id])
-    return person.id, free
+    return person.id, linked
 
 
 # ------------------------------------------------------------------------------ deletion
