@@ -11,9 +11,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from services.store.db import make_engine, migrate, session_factory
+from testdb import scratch_pg_database
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICES_SH = REPO / "scripts" / "services.sh"
@@ -68,21 +67,6 @@ def pg_url() -> str:
     if not _accepts_connections(url):
         _services("start", timeout=1200)  # a cold start installs PostgreSQL
     return url
-
-
-@contextmanager
-def scratch_pg_database(pg_url: str) -> Iterator[str]:
-    """URL of a new empty database on pg_url's server, dropped on exit."""
-    name = f"facecluster_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield sa.make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")
