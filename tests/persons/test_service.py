@@ -1,0 +1,134 @@
+"""The persons rules layer on a real database (SQLite and PostgreSQL): user decisions survive
+clustering, every edit can be undone exactly, and face counts stay true."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from apilibrary import seed_library
+from services.persons import repository as persons_repo
+from services.persons import service as person_service
+from services.store.models import FacePerson, FaceRejection, Person
+
+
+@pytest.fixture
+def lib(session, tmp_path):
+    """ann: 3 persons x 4 faces, clustered into their true persons."""
+    return seed_library(session, "ann", tmp_path / "photos", persons=3, faces_per_person=4, seed=7)
+
+
+def state(session, user_id: int) -> dict:
+    """Everything an edit may change: person rows, links with their source, rejections."""
+    session.expire_all()
+    persons = {p.id: (p.name, p.hidden, p.favorite, p.user_confirmed, p.cover_face_id)
+               for p in session.scalars(sa.select(Person).where(Person.user_id == user_id))}
+    links = {f: (p, source) for f, p, source in session.execute(
+        sa.select(FacePerson.face_id, FacePerson.person_id, FacePerson.source)
+        .join(Person, Person.id == FacePerson.person_id).where(Person.user_id == user_id))}
+    rejections = set(session.execute(sa.select(FaceRejection.face_id, FaceRejection.person_id)
+                                     .where(FaceRejection.user_id == user_id)).all())
+    return {"persons": persons, "links": links, "rejections": rejections}
+
+
+def assert_counts_true(session, user_id: int) -> None:
+    session.expire_all()
+    for person in session.scalars(sa.select(Person).where(Person.user_id == user_id)):
+        real = session.scalar(sa.select(sa.func.count()).where(FacePerson.person_id == person.id))
+        assert person.face_count == real, f"person {person.id}: face_count {person.face_count}, links {real}"
+        if real:
+            assert session.get(FacePerson, person.cover_face_id).person_id == person.id
+
+
+def labels_as_now(session, lib) -> dict[int, int]:
+    """The clustering a re-run would make: every face in its true person's cluster."""
+    return {f: p for f, p in lib.truth.items()}
+
+
+def test_not_this_person_is_obeyed_by_reclustering_and_by_the_worker(session, lib):
+    person = lib.person_of[0]
+    face = next(f for f, p in lib.truth.items() if p == 0)
+    person_service.reject_face(session, lib.user_id, person, face)
+    session.commit()
+    assert face not in persons_repo.face_links(session, lib.user_id)
+
+    person_service.apply_clustering(session, lib.user_id, labels_as_now(session, lib))
+    session.commit()
+    links = persons_repo.face_links(session, lib.user_id)
+    assert face not in links  # the cluster still holds it, the person refuses it
+    assert all(links[f] == lib.person_of[p] for f, p in lib.truth.items() if f != face)
+    assert person_service.link_new_faces(session, lib.user_id, {face: person}) == {}
+    assert_counts_true(session, lib.user_id)
+
+
+def test_a_merge_carries_rejections_over_and_a_move_by_hand_lifts_them(session, lib):
+    p0, p1 = lib.person_of[0], lib.person_of[1]
+    face = next(f for f, p in lib.truth.items() if p == 1)
+    person_service.reject_face(session, lib.user_id, p1, face)
+    person_service.merge(session, lib.user_id, p0, [p1])
+    session.commit()
+    assert persons_repo.rejected_persons(session, lib.user_id, [face]) == {face: {p0}}
+    assert person_service.link_new_faces(session, lib.user_id, {face: p0}) == {}
+
+    person_service.move_faces(session, lib.user_id, [face], p0)
+    session.commit()
+    assert persons_repo.rejected_persons(session, lib.user_id, [face]) == {}
+    assert persons_repo.face_links(session, lib.user_id)[face] == p0
+    assert_counts_true(session, lib.user_id)
+
+
+EDITS = {
+    "rename": lambda s, lib: person_service.update_person(s, lib.user_id, lib.person_of[0], name="Ann"),
+    "hide+favourite": lambda s, lib: person_service.update_person(s, lib.user_id, lib.person_of[1], hidden=True,
+                                                                  favorite=True),
+    "cover": lambda s, lib: person_service.update_person(
+        s, lib.user_id, lib.person_of[2], cover_face_id=max(f for f, p in lib.truth.items() if p == 2)),
+    "merge": lambda s, lib: person_service.merge(s, lib.user_id, lib.person_of[0], [lib.person_of[1], lib.person_of[2]]),
+    "move": lambda s, lib: person_service.move_faces(
+        s, lib.user_id, [f for f, p in lib.truth.items() if p == 1], lib.person_of[2]),
+    "split": lambda s, lib: person_service.split_faces(s, lib.user_id, [f for f, p in lib.truth.items() if p == 0][:2]),
+    "reject": lambda s, lib: person_service.reject_face(
+        s, lib.user_id, lib.person_of[2], next(f for f, p in lib.truth.items() if p == 2)),
+}
+
+
+@pytest.mark.parametrize("kind", EDITS)
+def test_undo_puts_back_exactly_what_an_edit_changed(session, lib, kind):
+    person_service.update_person(session, lib.user_id, lib.person_of[1], name="Bob")  # an earlier edit stays
+    session.commit()
+    before = state(session, lib.user_id)
+    EDITS[kind](session, lib)
+    session.commit()
+    assert_counts_true(session, lib.user_id)
+    assert state(session, lib.user_id) != before
+
+    person_service.undo(session, lib.user_id)
+    session.commit()
+    assert state(session, lib.user_id) == before
+    assert_counts_true(session, lib.user_id)
+    assert [e.undone_at is not None for e in person_service.edits(session, lib.user_id)] == [True, False]
+
+
+def test_undo_walks_back_edit_by_edit_and_then_says_nothing_is_left(session, lib):
+    states = [state(session, lib.user_id)]
+    for kind in ("rename", "reject", "merge"):
+        EDITS[kind](session, lib)
+        session.commit()
+        states.append(state(session, lib.user_id))
+    for expected in reversed(states[:-1]):
+        person_service.undo(session, lib.user_id)
+        session.commit()
+        assert state(session, lib.user_id) == expected
+    with pytest.raises(person_service.NothingToUndo):
+        person_service.undo(session, lib.user_id)
+
+
+def test_merge_refuses_itself_and_another_users_person(session, lib, tmp_path):
+    bob = seed_library(session, "bob", tmp_path / "bob", persons=1, faces_per_person=2, seed=8)
+    with pytest.raises(ValueError):
+        person_service.merge(session, lib.user_id, lib.person_of[0], [lib.person_of[0]])
+    before = state(session, lib.user_id)
+    with pytest.raises(person_service.NotFound):
+        person_service.merge(session, lib.user_id, lib.person_of[0], [lib.person_of[1], bob.person_of[0]])
+    session.rollback()
+    assert state(session, lib.user_id) == before
