@@ -147,8 +147,9 @@ def test_switching_embedder_reembeds_in_place_and_keeps_named_persons(tmp_path, 
 
 def test_a_user_corrects_the_albums_from_the_command_line_and_cluster_keeps_it(tmp_path, capsys):
     """`facecluster person`: name one person, split a face off, merge it back into another
-    person, hide a person; a later `cluster` keeps every decision, the report leaves the hidden
-    person out, and ids of nobody's (or another user's) persons and faces are refused clearly."""
+    person, hide a person, say a face is not that person, undo; a later `cluster` keeps every
+    decision, the report leaves the hidden person out, and ids of nobody's (or another user's)
+    persons and faces are refused clearly."""
     people, folder = two_people(tmp_path)
     url = f"sqlite:///{tmp_path / 'x.db'}"
     db = ["--db", url]
@@ -220,6 +221,17 @@ def test_a_user_corrects_the_albums_from_the_command_line_and_cluster_keeps_it(t
     assert albums() == corrected and albums("bob")[bobs_person][0] is None
     assert main(["person", "show", str(ben), *db]) == 0
     assert albums()[ben][1] is False
+
+    # "not this person" on the wrongly merged face: it leaves, and re-clustering keeps it out
+    assert main(["person", "reject", str(ben), str(one_of_anns), *db]) == 0
+    rejected = albums()
+    assert rejected[ben][2] == {people[1].name}
+    assert main(["cluster", *db]) == 0
+    assert albums()[ben] == rejected[ben]
+    capsys.readouterr()
+    assert main(["person", "undo", *db]) == 0  # the rejection is undone: the face is back in ben
+    assert "undone: face" in capsys.readouterr().out
+    assert albums()[ben][2] == {people[0].name, people[1].name}
 
 
 def test_prune_makes_the_library_follow_its_folder(tmp_path, capsys):
