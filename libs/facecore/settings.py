@@ -94,7 +94,14 @@ class Settings(BaseSettings):
 
     # clustering
     cluster_threshold: float = Field(0.0, description="cosine distance cut; 0 = the cut calibrated for the embedder")
-    min_cluster_size: int = 1
+    # One policy for `facecluster cluster`/`run` and the cluster worker (docs/ARCHITECTURE.md,
+    # "One clustering policy").
+    min_cluster_size: int = Field(2, ge=1, description="faces a cluster needs to become a person, in the cluster job "
+                                  "and the cluster worker alike; a face no other face agrees with waits unassigned")
+    recluster_max_faces: int = Field(3000, ge=0, description="the cluster worker re-clusters a user from scratch, as "
+                                     "`facecluster cluster` does, while the user has at most this many clusterable "
+                                     "faces (the same photos then give the same albums embedded and in the cloud); "
+                                     "above it, it files new faces incrementally; 0 = always incrementally")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
