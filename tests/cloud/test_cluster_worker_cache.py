@@ -5,7 +5,8 @@ The vectors are chosen, not made by a model: what is under test is which faces t
 compares a new face with. Two persons form first, P = {a1, a2} (cosine 0.6) and Q = {b1, b2};
 then the user changes P, and a new face n arrives that is close to a2 (0.9) and far from a1
 (0.2). Judged against a2 as well, n joins P (mean 0.55, above the 0.44 the cut allows); judged
-against a1 alone it joins nobody.
+against a1 alone it joins nobody. Those tests pin the worker to its incremental path (a user above
+``recluster_max_faces``); a small user is re-clustered by the batch job's rule, tested last.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ VECTORS = {
     "b1": unit(e5=1),
     "b2": unit(e5=0.9, e6=np.sqrt(0.19)),
     "n": unit(e0=0.2, e1=0.975, e2=np.sqrt(1 - 0.2**2 - 0.975**2)),
+    # P' = {p1, p2} and R = {r1, r2} (cosine 0.9 within, 0 across); m agrees with both, more with P'
+    "p1": unit(e10=1),
+    "p2": unit(e10=0.9, e11=np.sqrt(0.19)),
+    "r1": unit(e12=1),
+    "r2": unit(e12=0.9, e13=np.sqrt(0.19)),
+    "m": unit(e10=0.75, e12=0.6),
 }
 
 
@@ -96,7 +103,7 @@ def test_a_new_face_is_judged_against_the_users_faces_as_they_are_now(ann, chang
     sessions, name = ann
     bus = busmod.connect(f"memory://cache-{uuid.uuid4().hex}")
     bus.ensure_topics()
-    worker = ClusterWorker(bus, sessions, threading.Event())
+    worker = ClusterWorker(bus, sessions, threading.Event(), recluster_max_faces=0)
     faces = {p: upload(sessions, name, p) for p in ("a1", "a2", "b1", "b2")}
     worker.handle([event(name, list(faces.values()), 0)])
     before = persons(sessions, name)
@@ -167,4 +174,70 @@ def test_the_sweep_forgets_deleted_users_and_changed_copies_without_an_event(ann
         s.execute(sa.delete(User).where(User.name == others[1]))
         s.commit()
     consumer.close()
+    bus.close()
+
+
+def test_a_face_rejected_from_its_closest_person_joins_the_next_one_that_agrees(ann):
+    """Incremental path: m joins P' (the closest); the user says "not this person"; m announced
+    again joins R, which agrees with it too, and never P'. The re-clustering path (a small user)
+    keeps it out of P' as well."""
+    sessions, name = ann
+    bus = busmod.connect(f"memory://cache-{uuid.uuid4().hex}")
+    bus.ensure_topics()
+    worker = ClusterWorker(bus, sessions, threading.Event(), recluster_max_faces=0)
+    faces = {p: upload(sessions, name, p) for p in ("p1", "p2", "r1", "r2")}
+    worker.handle([event(name, list(faces.values()), 0)])
+    person_of = {f: p for p, members in persons(sessions, name).items() for f in members}
+    p, r = person_of[faces["p1"]], person_of[faces["r1"]]
+    assert p != r and person_of[faces["p2"]] == p and person_of[faces["r2"]] == r
+
+    faces["m"] = upload(sessions, name, "m")
+    worker.handle([event(name, [faces["m"]], 1)])
+    assert faces["m"] in persons(sessions, name)[p]
+    with sessions() as s:
+        person_service.reject_face(s, repo.find_user(s, name).id, p, faces["m"])
+        s.commit()
+    worker.handle([event(name, [faces["m"]], 2)])
+    after = persons(sessions, name)
+    assert faces["m"] not in after[p] and faces["m"] in after[r]
+
+    with sessions() as s:  # back to no person, and re-clustered from scratch
+        person_service.reject_face(s, repo.find_user(s, name).id, r, faces["m"])
+        s.commit()
+    ClusterWorker(bus, sessions, threading.Event()).handle([event(name, [faces["m"]], 3)])
+    after = persons(sessions, name)
+    assert faces["m"] not in after[p] and faces["m"] not in after[r]
+    bus.close()
+
+
+def test_a_small_user_is_reclustered_by_the_batch_jobs_rule(ann):
+    """While a user is small the worker re-clusters them from scratch as `facecluster cluster`
+    does: a lone face waits in no person until a second agrees, a new face can pull a face out
+    of a person (n goes with a2 and a1 is left alone: average linkage, not the incremental kNN
+    vote, which would put n into {a1, a2}), person ids stay, and the batch job run afterwards
+    changes nothing."""
+    from services.clustering import cluster_user
+
+    sessions, name = ann
+    bus = busmod.connect(f"memory://cache-{uuid.uuid4().hex}")
+    bus.ensure_topics()
+    worker = ClusterWorker(bus, sessions, threading.Event())
+    faces = {"a1": upload(sessions, name, "a1")}
+    worker.handle([event(name, [faces["a1"]], 0)])
+    assert persons(sessions, name) == {}
+    faces["a2"] = upload(sessions, name, "a2")
+    worker.handle([event(name, [faces["a2"]], 1)])
+    (p, members), = persons(sessions, name).items()
+    assert members == {faces["a1"], faces["a2"]}
+
+    for offset, photo in enumerate(("b1", "b2", "n"), start=2):
+        faces[photo] = upload(sessions, name, photo)
+        worker.handle([event(name, [faces[photo]], offset)])
+    after = persons(sessions, name)
+    assert after[p] == {faces["a2"], faces["n"]}
+    assert sorted(map(sorted, after.values())) == sorted([[faces["a2"], faces["n"]], [faces["b1"], faces["b2"]]])
+    assert worker.users[name].faces == 5  # its copy is the re-clustered user
+
+    cluster_user(sessions, name, MODEL)
+    assert persons(sessions, name) == after
     bus.close()
