@@ -168,10 +168,15 @@ def reject_face(session: Session, user_id: int, person_id: int, face_id: int) ->
     if owner != person.id:
         raise NotFound(f"face {face_id} in person {person_id}")
     snapshot = _snapshot(session, user_id, [person.id], [face.id])
+    label = _label(person)
+    last = {k: getattr(person, k) for k in ("id", "user_id", "created_at", *repo.PERSON_FIELDS)}
     repo.unlink(session, [face.id])
     repo.add_rejections(session, user_id, [(face.id, person.id)])
     _after_link_change(session, user_id, [person.id])
-    _log(session, user_id, "reject", f"face {face.id} is not {_label(person)}", snapshot)
+    _log(session, user_id, "reject", f"face {face.id} is not {label}", snapshot)
+    if not repo.existing_persons(session, user_id, [last["id"]]):
+        # Its last face gone, an automatic person is deleted (undo brings it back): its last state.
+        return Person(**{**last, "face_count": 0, "cover_face_id": None})
     return person
 
 
