@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from .. import tokens
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 bearer = HTTPBearer(auto_error=False, description="a token from `facecluster token create --user NAME`")
 
 
@@ -42,6 +44,16 @@ def encode_cursor(key: list) -> str:
     return base64.urlsafe_b64encode(json.dumps(key, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
+def _is_text(v: str) -> bool:
+    """What a name can be: UTF-8 without control characters (the database refuses NUL or a lone
+    surrogate in a parameter, and no stored name holds either)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not CONTROL.search(v)
+
+
 def decode_cursor(cursor: str | None, shape: tuple[type, ...]) -> list | None:
     """The sort key a cursor carries, checked against ``shape`` (types; ``type(None)`` allowed
     where a name may be missing); a cursor that is not ours answers 400."""
@@ -54,6 +66,8 @@ def decode_cursor(cursor: str | None, shape: tuple[type, ...]) -> list | None:
     ok = (isinstance(key, list) and len(key) == len(shape)
           and all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(key, shape)))
     if ok and any(isinstance(v, int) and not (-2**63 <= v < 2**63) for v in key):
+        ok = False
+    if ok and any(isinstance(v, str) and not _is_text(v) for v in key):
         ok = False
     if not ok:
         raise HTTPException(400, "cursor is not one this API gave out: pass next_cursor of the previous page")
