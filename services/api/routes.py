@@ -35,6 +35,7 @@ Cursor = Annotated[str | None, Query(max_length=512, description="next_cursor of
 CallerDep = Annotated[Caller, Depends(get_caller)]
 SessionDep = Annotated[Session, Depends(get_session)]
 CONFLICT = {409: {"model": s.Problem, "description": "the request conflicts with the current state"}}
+BAD_CURSOR = {400: {"model": s.Problem, "description": "the cursor is not a next_cursor this API gave out"}}
 JPEG = {200: {"content": {"image/jpeg": {}}, "description": "JPEG"},
         304: {"description": "not modified (If-None-Match matched the ETag)"}}
 
@@ -58,7 +59,7 @@ def photo_out(p: Photo) -> s.PhotoOut:
 ORDER_KEYS = {"faces": (int, int), "name": ((str, type(None)), int), "newest": (int,)}
 
 
-@router.get("/people", response_model=s.PersonPage, tags=["people"])
+@router.get("/people", response_model=s.PersonPage, responses=BAD_CURSOR, tags=["people"])
 def list_people(caller: CallerDep, session: SessionDep, limit: Limit = 50, cursor: Cursor = None,
                 hidden: Literal["false", "true", "all"] = "false", favorite: bool = False,
                 min_faces: Annotated[int, Query(ge=0, le=2**31 - 1)] = 1,
@@ -129,7 +130,7 @@ def not_this_person(person_id: PersonId, face_id: FaceId, caller: CallerDep, ses
     return person_out(person)
 
 
-@router.get("/people/{person_id}/faces", response_model=s.FacePage, tags=["people"])
+@router.get("/people/{person_id}/faces", response_model=s.FacePage, responses=BAD_CURSOR, tags=["people"])
 def person_faces(person_id: PersonId, caller: CallerDep, session: SessionDep, limit: Limit = 100,
                  cursor: Cursor = None):
     persons_repo.get_person(session, caller.user_id, person_id)
@@ -139,7 +140,7 @@ def person_faces(person_id: PersonId, caller: CallerDep, session: SessionDep, li
     return s.FacePage(items=[face_out(f, person_id) for f in rows[:limit]], next_cursor=nxt)
 
 
-@router.get("/people/{person_id}/photos", response_model=s.PhotoPage, tags=["people"])
+@router.get("/people/{person_id}/photos", response_model=s.PhotoPage, responses=BAD_CURSOR, tags=["people"])
 def person_photos(person_id: PersonId, caller: CallerDep, session: SessionDep, limit: Limit = 100,
                   cursor: Cursor = None):
     persons_repo.get_person(session, caller.user_id, person_id)
