@@ -156,6 +156,16 @@ def tid(page: Page, testid: str, root=None):
     return (root or page).get_by_test_id(testid)
 
 
+def text_offset(page: Page, testid: str) -> float:
+    """How far (px) the middle of the element's text is from the element's own middle, across."""
+    return page.get_by_test_id(testid).evaluate("""el => {
+        const range = document.createRange();
+        range.selectNodeContents(el);
+        const text = range.getBoundingClientRect(), box = el.getBoundingClientRect();
+        return (text.left + text.width / 2) - (box.left + box.width / 2);
+    }""")
+
+
 def sign_in(page: Page, url: str, token: str) -> None:
     page.goto(url + "/")
     expect(tid(page, "signin-view")).to_be_visible()
@@ -243,6 +253,9 @@ def test_sign_in_rename_merge_hide_reject_undo_sign_out(library, page, tmp_path)
     bob_people = {p["id"] for p in lib.api.client(lib.other_token).get("/api/v1/people").json()["items"]}
 
     # Sign in by pasting the token; the grid shows ann's people (not bob's) with covers that load.
+    page.goto(lib.api.url + "/")
+    expect(tid(page, "signin-submit")).to_be_visible()
+    assert abs(text_offset(page, "signin-submit")) < 2, "the full-width Sign in button's label is centred"
     sign_in(page, lib.api.url, lib.token)
     expect(tid(page, "person-card")).to_have_count(6)
     wait_images_loaded(page, "[data-testid=person-card] img.cover", 6)
