@@ -7,8 +7,12 @@ like a missing one (the rules layer raises NotFound for both).
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+import random
+import time
+from collections.abc import Callable
+from typing import Annotated, Literal, TypeVar
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 
@@ -38,6 +42,32 @@ CONFLICT = {409: {"model": s.Problem, "description": "the request conflicts with
 BAD_CURSOR = {400: {"model": s.Problem, "description": "the cursor is not a next_cursor this API gave out"}}
 JPEG = {200: {"content": {"image/jpeg": {}}, "description": "JPEG"},
         304: {"description": "not modified (If-None-Match matched the ETag)"}}
+
+
+T = TypeVar("T")
+# PostgreSQL aborts one of two transactions that wait for each other (deadlock_detected: an edit
+# and the cluster worker, or two edits, locking persons and links in different orders) or that
+# lost a race (serialization_failure); run again from the start, the same request succeeds.
+RETRY_SQLSTATES = {"40P01", "40001"}
+WRITE_ATTEMPTS = 5
+
+
+def _write(session: Session, change: Callable[[], T]) -> T:
+    """``change()`` (calls of the rules layer) committed; run again from the start, up to
+    WRITE_ATTEMPTS times, when the database aborted it for a deadlock or a serialization
+    failure, so a client never gets a 500 for a race it cannot see."""
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            result = change()
+            session.commit()
+            return result
+        except sa.exc.DBAPIError as e:
+            if getattr(e.orig, "pgcode", None) not in RETRY_SQLSTATES or attempt == WRITE_ATTEMPTS:
+                raise
+            session.rollback()
+            log.info("write aborted by the database (%s); trying again (%d)", e.orig.pgcode, attempt)
+            time.sleep(random.uniform(0, 0.02 * attempt))
+    raise AssertionError("unreachable")
 
 
 def person_out(p: Person) -> s.PersonOut:
@@ -82,8 +112,7 @@ def list_people(caller: CallerDep, session: SessionDep, limit: Limit = 50, curso
 @router.post("/people", response_model=s.PersonOut, status_code=201, tags=["people"])
 def split_into_new_person(body: s.FaceIds, caller: CallerDep, session: SessionDep):
     """A new person of these faces, taken out of wherever they were (a split)."""
-    person = person_service.split_faces(session, caller.user_id, body.face_ids)
-    session.commit()
+    person = _write(session, lambda: person_service.split_faces(session, caller.user_id, body.face_ids))
     return person_out(person)
 
 
@@ -100,24 +129,22 @@ def update_person(person_id: PersonId, body: s.PersonPatch, caller: CallerDep, s
                if k in given and getattr(body, k) is not None}
     if "name" in given:
         changes["name"] = body.name
-    person = person_service.update_person(session, caller.user_id, person_id, **changes)
-    session.commit()
+    person = _write(session, lambda: person_service.update_person(session, caller.user_id, person_id, **changes))
     return person_out(person)
 
 
 @router.post("/people/{person_id}/merge", response_model=s.MergeOut, responses=CONFLICT, tags=["people"])
 def merge_people(person_id: PersonId, body: s.PersonIds, caller: CallerDep, session: SessionDep):
     """The faces of ``person_ids`` join this person and those persons are deleted; undoable."""
-    person, results = person_service.merge(session, caller.user_id, person_id, body.person_ids)
-    session.commit()
+    person, results = _write(session, lambda: person_service.merge(session, caller.user_id, person_id,
+                                                                   body.person_ids))
     return s.MergeOut(person=person_out(person), results=[s.MergeResult(**r) for r in results])
 
 
 @router.post("/people/{person_id}/faces", response_model=s.PersonOut, tags=["people"])
 def move_faces(person_id: PersonId, body: s.FaceIds, caller: CallerDep, session: SessionDep):
     """Move faces into this person (kept by every later re-clustering)."""
-    person = person_service.move_faces(session, caller.user_id, body.face_ids, person_id)
-    session.commit()
+    person = _write(session, lambda: person_service.move_faces(session, caller.user_id, body.face_ids, person_id))
     return person_out(person)
 
 
@@ -125,8 +152,7 @@ def move_faces(person_id: PersonId, body: s.FaceIds, caller: CallerDep, session:
 def not_this_person(person_id: PersonId, face_id: FaceId, caller: CallerDep, session: SessionDep):
     """"Not this person": the face leaves the person, and no later assignment or re-clustering
     puts it back into it."""
-    person = person_service.reject_face(session, caller.user_id, person_id, face_id)
-    session.commit()
+    person = _write(session, lambda: person_service.reject_face(session, caller.user_id, person_id, face_id))
     return person_out(person)
 
 
@@ -222,8 +248,7 @@ def get_photo(photo_id: PhotoId, caller: CallerDep, session: SessionDep):
 @router.delete("/photos/{photo_id}", status_code=204, response_class=Response, tags=["photos"])
 def delete_photo(photo_id: PhotoId, request: Request, caller: CallerDep, session: SessionDep):
     """Delete the photo with its faces, embeddings, links and cached thumbnails."""
-    faces = person_service.delete_photo(session, caller.user_id, photo_id)
-    session.commit()
+    faces = _write(session, lambda: person_service.delete_photo(session, caller.user_id, photo_id))
     request.app.state.thumbnails.forget_faces(caller.user_id, faces)
     log.info("user %d deleted photo %d (%d faces)", caller.user_id, photo_id, len(faces))
     return Response(status_code=204)
@@ -245,8 +270,7 @@ def list_edits(caller: CallerDep, session: SessionDep, limit: Annotated[int, Que
 @router.post("/edits/undo", response_model=s.EditOut, responses=CONFLICT, tags=["edits"])
 def undo(caller: CallerDep, session: SessionDep):
     """Undo the newest edit not undone yet (409 when there is none)."""
-    edit = person_service.undo(session, caller.user_id)
-    session.commit()
+    edit = _write(session, lambda: person_service.undo(session, caller.user_id))
     log.info("user %d undid edit %d (%s)", caller.user_id, edit.id, edit.kind)
     return edit_out(edit)
 
@@ -260,8 +284,7 @@ def me(caller: CallerDep, session: SessionDep):
 @router.delete("/me", status_code=204, response_class=Response, tags=["account"])
 def delete_me(request: Request, caller: CallerDep, session: SessionDep):
     """Delete the caller with every photo, face, embedding, person, token and cached image."""
-    person_service.delete_user(session, caller.user_id)
-    session.commit()
+    _write(session, lambda: person_service.delete_user(session, caller.user_id))
     request.app.state.thumbnails.forget_user(caller.user_id)
     log.info("user %d deleted themselves", caller.user_id)
     return Response(status_code=204)
