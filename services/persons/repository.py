@@ -301,6 +301,17 @@ def rejected_persons(session: Session, user_id: int, face_ids: Collection[int] |
 
 # ------------------------------------------------------------------------------ the edit log
 
+EDIT_LOCK = 0x70656473  # the first key of the per-user advisory lock of edits
+
+
+def lock_edits(session: Session, user_id: int) -> None:
+    """Hold the user's edit lock until commit, so one user's edits and undos run one at a time:
+    each edit's snapshot is the state the previous one left, and an undo reverts the newest
+    committed edit. A transaction advisory lock on PostgreSQL (the cluster workers' writes meet
+    edits in row locks, not here); SQLite has a single writer anyway."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.select(sa.func.pg_advisory_xact_lock(EDIT_LOCK, user_id & 0x7FFFFFFF)))
+
 
 def add_edit(session: Session, user_id: int, kind: str, summary: str, undo: dict) -> PersonEdit:
     edit = PersonEdit(user_id=user_id, kind=kind, summary=summary, undo=undo)

@@ -9,6 +9,7 @@ worker and the re-embedding job all call these functions and never change person
   user is read again) and keeps each touched person's face count and cover right; persons that
   nobody named or confirmed go away once empty.
 - Every edit by the user is logged with what undoing it needs; ``undo`` reverts the newest one.
+  One user's edits and undos run one at a time (``repo.lock_edits``), so that holds under load.
 
 Functions take a Session and the caller's user id, raise ``NotFound`` for ids that are not the
 user's (exactly as for ids that do not exist), ``ValueError`` for requests that cannot be done,
@@ -77,6 +78,7 @@ def update_person(session: Session, user_id: int, person_id: int, *, name=UNSET,
                   cover_face_id=UNSET) -> Person:
     """Rename (None or blank clears), hide or show, mark a favourite, or choose the cover face
     (one of the person's own faces); one logged edit, whatever the combination."""
+    repo.lock_edits(session, user_id)
     person = repo.get_person(session, user_id, person_id)
     changes = {}
     if name is not UNSET:
@@ -116,6 +118,7 @@ def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[
         raise ValueError("no persons to merge given")
     if person_id in others:
         raise ValueError("cannot merge a person into itself")
+    repo.lock_edits(session, user_id)
     found = repo.get_persons(session, user_id, [person_id, *others], lock=True)
     target = found[person_id]
     faces = repo.faces_of_persons(session, others)
@@ -135,6 +138,7 @@ def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[
 def move_faces(session: Session, user_id: int, face_ids: Collection[int], person_id: int) -> Person:
     """Put faces into a person by hand: 'user' links, which clustering keeps; a rejection of
     these faces from that person is lifted (the user has now said they belong)."""
+    repo.lock_edits(session, user_id)
     faces = repo.owned_faces(session, user_id, face_ids)
     target = repo.get_person(session, user_id, person_id, lock=True)
     before = {p for p, _ in repo.links_of(session, user_id, faces).values()}
@@ -149,6 +153,7 @@ def move_faces(session: Session, user_id: int, face_ids: Collection[int], person
 def split_faces(session: Session, user_id: int, face_ids: Collection[int]) -> Person:
     """Take faces out of wherever they are into a new person the user made (confirmed, so it
     stays when re-clustering leaves it empty)."""
+    repo.lock_edits(session, user_id)
     faces = repo.owned_faces(session, user_id, face_ids)
     before = {p for p, _ in repo.links_of(session, user_id, faces).values()}
     snapshot = _snapshot(session, user_id, before, faces)
@@ -163,6 +168,7 @@ def split_faces(session: Session, user_id: int, face_ids: Collection[int]) -> Pe
 def reject_face(session: Session, user_id: int, person_id: int, face_id: int) -> Person:
     """"Not this person": the face leaves the person (it is then in no person) and no later
     assignment or re-clustering puts it back into it."""
+    repo.lock_edits(session, user_id)
     person = repo.get_person(session, user_id, person_id, lock=True)
     face, owner = repo.get_face(session, user_id, face_id)
     if owner != person.id:
@@ -183,6 +189,7 @@ def reject_face(session: Session, user_id: int, person_id: int, face_id: int) ->
 def undo(session: Session, user_id: int) -> PersonEdit:
     """Revert the user's newest edit not undone yet: persons, links and rejections it touched
     go back to how they were (faces deleted since stay deleted)."""
+    repo.lock_edits(session, user_id)
     edit = repo.last_open_edit(session, user_id)
     if edit is None:
         raise NothingToUndo("nothing to undo")
