@@ -116,6 +116,12 @@ def refresh_persons(session: Session, user_id: int, person_ids: Collection[int] 
         if not ids:
             return
         scope.append(Person.id.in_(ids))
+    # Lock the rows first, in id order, so the recount is a statement of its own: under READ
+    # COMMITTED it then sees the links of every transaction that held one of these persons (the
+    # cluster worker's FOR SHARE, an edit) and committed while this one waited. Counted within
+    # the UPDATE, whose snapshot predates the wait (PostgreSQL re-reads only the updated row, not
+    # the subqueries), such links are missed and face_count drifts from the real count.
+    session.execute(sa.select(Person.id).where(*scope).order_by(Person.id).with_for_update(key_share=True))
     session.execute(sa.update(Person).where(*scope).values(
         face_count=count,
         cover_face_id=sa.case((cover_is_member, Person.cover_face_id), else_=best),
