@@ -192,7 +192,8 @@ def set_links(session: Session, links: Mapping[int, int], source: str) -> None:
 
 
 def restore_links(session: Session, links: Iterable[tuple[int, int | None, str | None]]) -> None:
-    """Put each face's link back to (person, source), or none, skipping faces or persons that are gone."""
+    """Put each face's link back to (person, source), or none, skipping faces or persons that are gone.
+    An upsert, like :func:`set_links`: a link the cluster worker made meanwhile gives way."""
     links = list(links)
     if not links:
         return
@@ -204,7 +205,10 @@ def restore_links(session: Session, links: Iterable[tuple[int, int | None, str |
     rows = [{"face_id": f, "person_id": p, "source": s} for f, p, s in links
             if p is not None and f in alive_faces and p in alive_persons]
     if rows:
-        session.execute(sa.insert(FacePerson), rows)
+        stmt = _upsert_dialect(session)(FacePerson.__table__)
+        stmt = stmt.on_conflict_do_update(index_elements=["face_id"], set_={
+            "person_id": stmt.excluded.person_id, "source": stmt.excluded.source, "assigned_at": sa.func.now()})
+        session.execute(stmt, rows)
 
 
 def unlink(session: Session, face_ids: Collection[int]) -> None:
