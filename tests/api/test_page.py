@@ -425,7 +425,7 @@ def test_2000_people_scroll_to_the_end(many_people, page, tmp_path, record_prope
     page.mouse.move(VIEWPORT["width"] / 2, VIEWPORT["height"] / 2)
     started, deadline, wheels = time.perf_counter(), time.monotonic() + 120, 0
     while True:
-        page.mouse.wheel(0, 2400)
+        page.mouse.wheel(0, 4800)
         wheels += 1
         state = page.evaluate(f"""() => ({{
             cards: document.querySelectorAll('[data-testid=person-card]').length,
