@@ -26,7 +26,8 @@ from .deps import Caller, decode_cursor, encode_cursor, get_caller, get_session
 
 log = logging.getLogger("facecluster.api")
 
-ERRORS = {401: {"model": s.Problem, "description": "no valid bearer token"},
+ERRORS = {400: {"model": s.Problem, "description": "the body is not JSON (or a cursor is not one this API gave out)"},
+          401: {"model": s.Problem, "description": "no valid bearer token"},
           404: {"model": s.Problem, "description": "no such object for the caller (or another user's)"},
           422: {"model": s.Problem, "description": "the request is malformed"}}
 router = APIRouter(prefix="/api/v1", responses=ERRORS)
