@@ -29,7 +29,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from apilibrary import DIM, MODEL, seed_library
 from badinput import lfw_dev
 from browser import CHROMIUM_ARGS, chromium_path
-from conftest import LiveApi, start_api, stop_api  # tests/api/conftest.py
+from apiserver import LiveApi, start_api, stop_api
 from facecore.types import FaceRecord, PhotoResult
 from services import tokens
 from services.persons import service as person_service
