@@ -264,6 +264,10 @@ def test_openapi_documents_what_the_api_answers(live):
                 assert op.get("security"), f"{method} {path} does not say it needs a bearer token"
     for path in ("/api/v1/people", "/api/v1/people/{person_id}/faces", "/api/v1/people/{person_id}/photos"):
         assert "400" in doc["paths"][path]["get"]["responses"], f"GET {path} answers 400 to a bad cursor"
+    bodies = [(m, p) for p, ops in doc["paths"].items() for m, op in ops.items() if "requestBody" in op]
+    assert len(bodies) >= 4
+    for method, path in bodies:  # a body that is not even text answers 400
+        assert "400" in doc["paths"][path][method]["responses"], f"{method} {path} answers 400 to a body of bytes"
 
 
 # ------------------------------------------------------------------------------ the people list
@@ -403,6 +407,7 @@ def test_get_and_patch_person(w):
                  {"hidden": "maybe"}, {"cover_face_id": 0}, {"cover_face_id": "one"}, {"cover_face_id": 2**63}, []):
         problem(w.a.patch(url, json=body), 422)
     problem(w.a.patch(url, content=b"{not json", headers={"content-type": "application/json"}), 422)
+    problem(w.a.patch(url, content=b"{\"name\": \"\xff\"}", headers={"content-type": "application/json"}), 400, "body")
     assert person(w.a, P[0])["name"] == "Zed"
 
     problem(w.a.get(f"/api/v1/people/{MISSING}"), 404, f"person {MISSING}")
