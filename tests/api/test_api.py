@@ -820,6 +820,21 @@ def test_every_edit_is_undone_exactly(w, db):
     assert db_state(db, w.bob.user_id) == bob_before
 
 
+def test_undo_brings_back_a_person_whose_id_another_user_got_meanwhile(w, request):
+    """A merge frees the merged person's id; on SQLite (a rowid without AUTOINCREMENT) the next
+    person anyone makes takes the largest freed id again, and undoing the merge then collides with it."""
+    if w.api.db_url.startswith("sqlite"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="SQLite reuses a deleted person's id (persons.id "
+                                              "is not AUTOINCREMENT): the undo's insert hits UNIQUE and answers 500"))
+    part = ok(w.a.post("/api/v1/people", json={"face_ids": [w.F[0][2]]}), 201)["id"]
+    before = db_state(w.db, w.ann.user_id)
+    ok(w.a.post(f"/api/v1/people/{w.P[0]}/merge", json={"person_ids": [part]}))
+    bobs = ok(w.b.post("/api/v1/people", json={"face_ids": [w.bob.face_ids[1]]}), 201)
+    assert ok(w.a.post("/api/v1/edits/undo"))["kind"] == "merge"
+    assert db_state(w.db, w.ann.user_id) == before
+    assert person(w.b, bobs["id"]) == bobs
+
+
 # ------------------------------------------------------------------------------ tokens on the command line
 
 
