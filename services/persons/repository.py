@@ -70,8 +70,12 @@ def person_rows(session: Session, user_id: int, person_ids: Collection[int]) -> 
 
 
 def restore_person(session: Session, user_id: int, row: Mapping) -> None:
-    """Put a person's row back as ``row`` says, creating it under its old id if it is gone."""
+    """Put a person's row back as ``row`` says, creating it under its old id if it is gone; a
+    cover face deleted since is left out (``refresh_persons`` picks the best face left)."""
     values = {f: row[f] for f in PERSON_FIELDS}
+    if values["cover_face_id"] is not None and session.scalar(sa.select(Face.id).where(
+            Face.id == values["cover_face_id"], Face.user_id == user_id)) is None:
+        values["cover_face_id"] = None
     if session.execute(sa.update(Person).where(Person.id == row["id"], Person.user_id == user_id)
                        .values(**values).execution_options(synchronize_session=False)).rowcount:
         return
