@@ -820,6 +820,23 @@ def test_every_edit_is_undone_exactly(w, db):
     assert db_state(db, w.bob.user_id) == bob_before
 
 
+def test_undo_after_the_cover_face_was_deleted(w):
+    """Undo puts a person's row back, but a cover face deleted since stays deleted: the best face left."""
+    P, F = w.P, w.F
+    ok(w.a.patch(f"/api/v1/people/{P[0]}", json={"name": "Ann"}))
+    assert w.a.delete(f"/api/v1/photos/{w.photo_of(F[0][0])}").status_code == 204  # P0's cover
+    assert ok(w.a.post("/api/v1/edits/undo"))["kind"] == "update"
+    p0 = person(w.a, P[0])
+    assert (p0["name"], p0["face_count"], p0["cover_face_id"]) == (None, 2, F[0][1])
+
+    ok(w.a.post(f"/api/v1/people/{P[2]}/merge", json={"person_ids": [P[1]]}))
+    assert w.a.delete(f"/api/v1/photos/{w.photo_of(F[1][0])}").status_code == 204  # P1's cover
+    assert ok(w.a.post("/api/v1/edits/undo"))["kind"] == "merge"
+    p1 = person(w.a, P[1])
+    assert (p1["face_count"], p1["cover_face_id"]) == (2, F[1][1])
+    assert face_ids_of(w.a, P[1]) == F[1][1:] and face_ids_of(w.a, P[2]) == F[2]
+
+
 def test_undo_brings_back_a_person_whose_id_another_user_got_meanwhile(w, request):
     """A merge frees the merged person's id; on SQLite (a rowid without AUTOINCREMENT) the next
     person anyone makes takes the largest freed id again, and undoing the merge then collides with it."""
