@@ -202,7 +202,8 @@ def undo(session: Session, user_id: int) -> PersonEdit:
     repo.restore_links(session, [tuple(link) for link in state["links"]])
     repo.delete_rejections(session, user_id, face_ids=faces, person_ids=persons)
     alive = repo.existing_persons(session, user_id, {p for _, p in state["rejections"]})
-    repo.add_rejections(session, user_id, [(f, p) for f, p in state["rejections"] if p in alive])
+    kept = store.face_photo_ids(session, user_id, {f for f, _ in state["rejections"]})  # faces not deleted since
+    repo.add_rejections(session, user_id, [(f, p) for f, p in state["rejections"] if p in alive and f in kept])
     created = [p for p in state.get("created", []) if not repo.faces_of_persons(session, [p])]
     repo.delete_persons(session, user_id, created)
     if faces:
