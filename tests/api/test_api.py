@@ -837,6 +837,19 @@ def test_undo_after_the_cover_face_was_deleted(w):
     assert face_ids_of(w.a, P[1]) == F[1][1:] and face_ids_of(w.a, P[2]) == F[2]
 
 
+def test_undo_after_a_rejected_face_was_deleted(w, db):
+    """An undo that puts rejections back leaves out those of faces deleted since."""
+    P, F = w.P, w.F
+    ok(w.a.delete(f"/api/v1/people/{P[0]}/faces/{F[0][0]}"))
+    ok(w.a.delete(f"/api/v1/people/{P[0]}/faces/{F[0][1]}"))  # its undo state holds (F00, P0)
+    assert w.a.delete(f"/api/v1/photos/{w.photo_of(F[0][0])}").status_code == 204
+    assert ok(w.a.post("/api/v1/edits/undo"))["kind"] == "reject"
+    assert face_ids_of(w.a, P[0]) == F[0][1:]
+    assert db_state(db, w.ann.user_id)["rejections"] == []
+    assert ok(w.a.post("/api/v1/edits/undo"))["kind"] == "reject"  # the deleted face's own: nothing to put back
+    assert face_ids_of(w.a, P[0]) == F[0][1:]
+
+
 def test_undo_brings_back_a_person_whose_id_another_user_got_meanwhile(w, request):
     """A merge frees the merged person's id; on SQLite (a rowid without AUTOINCREMENT) the next
     person anyone makes takes the largest freed id again, and undoing the merge then collides with it."""
