@@ -112,7 +112,9 @@ def update_person(session: Session, user_id: int, person_id: int, *, name=UNSET,
 def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[int]) -> tuple[Person, list[dict]]:
     """Every face of ``other_ids`` joins ``person_id`` as the user's own link and the others are
     deleted; the target is confirmed and keeps its name (or takes the first merged person's).
-    Faces rejected from a merged person stay rejected from the target. One result per id."""
+    Faces rejected from a merged person stay rejected from the target, and the target's faces,
+    as after a move by hand, are no longer rejected from it (the user has now said they belong),
+    so no face ends up in a person it is rejected from. One result per id."""
     others = list(dict.fromkeys(int(p) for p in other_ids))
     if not others:
         raise ValueError("no persons to merge given")
@@ -127,6 +129,9 @@ def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[
     moved_rejections = [(f, person_id) for f, p in repo.rejections(session, user_id, person_ids=others)]
     repo.move_person_links(session, others, person_id)
     repo.add_rejections(session, user_id, moved_rejections)
+    members = set(repo.faces_of_persons(session, [person_id]))
+    repo.delete_rejection_pairs(session, user_id, [(f, p) for f, p in repo.rejections(
+        session, user_id, person_ids=[person_id]) if f in members])
     name = target.name or next((found[p].name for p in others if found[p].name), None)
     repo.update_person(session, target, name=name, user_confirmed=True)
     repo.delete_persons(session, user_id, others)
