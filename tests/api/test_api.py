@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from apilibrary import BOX, SIZE, Library, seed_library
+from apiserver import LiveApi, start_api, stop_api
 from services import tokens
 from services.persons import service as person_service
 from services.store.db import make_engine, migrate, session_factory
@@ -32,20 +33,10 @@ from services.store.models import (ApiToken, Face, FacePerson, FaceRejection, Pe
                                    User)
 from testdb import scratch_pg_database
 
-HERE = Path(__file__).resolve().parent
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.cloud)]
 PERSON_KEYS = {"id", "name", "hidden", "favorite", "confirmed", "face_count", "cover_face_id", "created_at"}
 FACE_KEYS = {"id", "photo_id", "person_id", "box", "det_score", "blur", "blurry", "trash"}
 MISSING = 10**12  # an id nobody has
-
-
-def api_conftest(config: pytest.Config):
-    """tests/api/conftest.py as pytest loaded it (its start_api, stop_api, LiveApi)."""
-    wanted = str(HERE / "conftest.py")
-    for plugin in config.pluginmanager.get_plugins():
-        if getattr(plugin, "__file__", None) == wanted:
-            return plugin
-    raise AssertionError(f"{wanted} is not loaded as a conftest")
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -54,28 +45,27 @@ def api_conftest(config: pytest.Config):
 @pytest.fixture(scope="module", params=BACKENDS)
 def live(request, tmp_path_factory):
     """A live API on a migrated database of its own, for the whole module."""
-    live_api = api_conftest(request.config)
     tmp = tmp_path_factory.mktemp(f"api-{request.param}")
     env = {"FACECLUSTER_OBJECT_STORE": str(tmp / "objects")}  # photos are read from the library folder only
     if request.param == "sqlite":
         path = tmp / "api.db"
         path.write_bytes(request.getfixturevalue("sqlite_template").read_bytes())
         url = f"sqlite:///{path}"
-        proc, api = live_api.start_api(url, tmp, env=env)
+        proc, api = start_api(url, tmp, env=env)
         try:
             yield api
         finally:
-            live_api.stop_api(proc)
+            stop_api(proc)
         return
     with scratch_pg_database(request.getfixturevalue("pg_url")) as url:
         engine = make_engine(url)
         migrate(engine)
         engine.dispose()
-        proc, api = live_api.start_api(url, tmp, env=env)
+        proc, api = start_api(url, tmp, env=env)
         try:
             yield api
         finally:
-            live_api.stop_api(proc)
+            stop_api(proc)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +77,7 @@ def db(live) -> Iterator[sa.Engine]:
 
 @dataclass
 class World:
-    api: object  # conftest.LiveApi
+    api: LiveApi
     db: sa.Engine
     ann: Library
     bob: Library
