@@ -12,7 +12,7 @@ worker and the re-embedding job all call these functions and never change person
   One user's edits and undos run one at a time (``repo.lock_edits``), so that holds under load.
 
 Functions take a Session and the caller's user id, raise ``NotFound`` for ids that are not the
-user's (exactly as for ids that do not exist), ``ValueError`` for requests that cannot be done,
+user's (exactly as for ids that do not exist), ``Refused`` for requests that cannot be done,
 and never commit: the edge (request, command, batch) commits.
 """
 
@@ -31,14 +31,19 @@ from services.store.repository import NotFound
 
 from . import repository as repo
 
-__all__ = ["NotFound", "NothingToUndo", "apply_clustering", "merge", "move_faces", "split_faces", "reject_face",
+__all__ = ["NotFound", "Refused", "NothingToUndo", "apply_clustering", "merge", "move_faces", "split_faces", "reject_face",
            "update_person", "undo", "link_new_faces", "new_person", "delete_photo", "delete_user",
            "suggestions", "uncertain_faces"]
 
 UNSET = object()
 
 
-class NothingToUndo(ValueError):
+class Refused(ValueError):
+    """A request the rules refuse in the current state (merging a person into itself, a cover
+    that is not the person's face); the API answers 409 with the message."""
+
+
+class NothingToUndo(Refused):
     """The user has no edit left to undo."""
 
 
@@ -84,17 +89,17 @@ def update_person(session: Session, user_id: int, person_id: int, *, name=UNSET,
     if name is not UNSET:
         changes["name"] = (name or "").strip() or None
         if changes["name"] is not None and len(changes["name"]) > 255:
-            raise ValueError("a name has at most 255 characters")
+            raise Refused("a name has at most 255 characters")
     if hidden is not UNSET:
         changes["hidden"] = bool(hidden)
     if favorite is not UNSET:
         changes["favorite"] = bool(favorite)
     if cover_face_id is not UNSET:
         if cover_face_id is None:
-            raise ValueError("cover_face_id must be one of the person's faces")
+            raise Refused("cover_face_id must be one of the person's faces")
         store_face, owner = repo.get_face(session, user_id, cover_face_id)
         if owner != person.id:
-            raise ValueError(f"face {cover_face_id} is not a face of person {person.id}")
+            raise Refused(f"face {cover_face_id} is not a face of person {person.id}")
         changes["cover_face_id"] = store_face.id
     changes = {k: v for k, v in changes.items() if getattr(person, k) != v}
     if not changes:
@@ -117,9 +122,9 @@ def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[
     so no face ends up in a person it is rejected from. One result per id."""
     others = list(dict.fromkeys(int(p) for p in other_ids))
     if not others:
-        raise ValueError("no persons to merge given")
+        raise Refused("no persons to merge given")
     if person_id in others:
-        raise ValueError("cannot merge a person into itself")
+        raise Refused("cannot merge a person into itself")
     repo.lock_edits(session, user_id)
     found = repo.get_persons(session, user_id, [person_id, *others], lock=True)
     target = found[person_id]
