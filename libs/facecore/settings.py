@@ -98,7 +98,8 @@ class Settings(BaseSettings):
     # "One clustering policy").
     min_cluster_size: int = Field(2, ge=1, description="faces a cluster needs to become a person, in the cluster job "
                                   "and the cluster worker alike; a face no other face agrees with waits unassigned")
-    recluster_max_faces: int = Field(3000, ge=0, description="the cluster worker re-clusters a user from scratch, as "
+    # A re-clustering batch costs ~1.3-1.8 s at 2,000 faces and 6-8 s at 4,500 (docs/BENCHMARKS.md).
+    recluster_max_faces: int = Field(2000, ge=0, description="the cluster worker re-clusters a user from scratch, as "
                                      "`facecluster cluster` does, while the user has at most this many clusterable "
                                      "faces (the same photos then give the same albums embedded and in the cloud); "
                                      "above it, it files new faces incrementally; 0 = always incrementally")
