@@ -253,12 +253,28 @@ def cmd_serve(args):
 
     settings = _settings(args)
     service = ServiceSettings()
-    app = create_app(settings.database_url, settings=settings, service_settings=service)
     host, port = args.host or service.api_host, args.port or service.api_port
+    workers = args.workers or 1
+    if workers < 1:
+        raise SystemExit("--workers must be 1 or more")
+    options = dict(host=host, port=port, log_level="info" if args.verbose else "warning", proxy_headers=True)
+    if workers > 1:
+        # Each worker process builds its own app (and connection pool) from the environment;
+        # the schema is migrated once, here, so the workers never race to migrate it.
+        from .store.db import migrate
+
+        migrate(settings.database_url)
+        os.environ["FACECLUSTER_DATABASE_URL"] = settings.database_url
+        if args.config:
+            os.environ["FACECLUSTER_CONFIG"] = str(args.config)
+        app = "services.api.app:app_from_environment"
+        options.update(factory=True, workers=workers)
+    else:
+        app = create_app(settings.database_url, settings=settings, service_settings=service)
     print(f"serving {settings.database_url} on http://{host}:{port}/ (API under /api/v1, "
-          f"OpenAPI at /openapi.json); make a token with `facecluster token create --user NAME`", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info" if args.verbose else "warning",
-                workers=1, proxy_headers=True)
+          f"OpenAPI at /openapi.json, {workers} worker process{'es' if workers > 1 else ''}); "
+          f"make a token with `facecluster token create --user NAME`", flush=True)
+    uvicorn.run(app, **options)
 
 
 def _print_persons(persons: list[dict]) -> None:
@@ -454,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Embedded: the SQLite file `run` made; cloud: a PostgreSQL URL.")
     sp.add_argument("--host", help="address to listen on (default: FACECLUSTER_API_HOST or 127.0.0.1)")
     sp.add_argument("--port", type=int, help="port (default: FACECLUSTER_API_PORT or 8000)")
+    sp.add_argument("--workers", type=int, help="worker processes (default 1); more than one uses more cores, "
+                                                "each process with its own database connections")
     common(sp, user=False)
     sp.set_defaults(func=cmd_serve)
 

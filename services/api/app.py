@@ -102,3 +102,9 @@ def create_app(database_url: str | None = None, *, settings: Settings | None = N
     app.include_router(router)
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker of ``facecluster serve --workers N`` (a uvicorn factory): settings
+    from the environment (FACECLUSTER_DATABASE_URL, FACECLUSTER_CONFIG), schema already migrated."""
+    return create_app(run_migrations=False)
