@@ -367,11 +367,17 @@ def people_page(session: Session, user_id: int, *, hidden: bool | None, favorite
         escaped = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(sa.func.lower(Person.name).like(f"%{escaped}%", escape="\\"))
     if order == "faces":
-        if after:
-            count, pid = after
-            query = query.where(sa.or_(Person.face_count < count,
-                                       sa.and_(Person.face_count == count, Person.id > pid)))
         query = query.order_by(Person.face_count.desc(), Person.id)
+        if after:
+            # The rest of the cursor's tie group, then (once it runs out) the smaller counts: two
+            # exact ranges of the (user_id, face_count DESC, id) index, so page 200 reads about as
+            # many rows as page 1. (One OR of the two is no index range: it read every row before
+            # the cursor.)
+            count, pid = after
+            rows = list(session.scalars(query.where(Person.face_count == count, Person.id > pid).limit(limit)))
+            if len(rows) < limit:
+                rows += session.scalars(query.where(Person.face_count < count).limit(limit - len(rows)))
+            return rows
     elif order == "name":
         # Named persons by name, then the unnamed ones; '' sorts the unnamed after every name
         # only with a sentinel, so unnamed rows are paged by id after the named ones.

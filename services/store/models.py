@@ -141,8 +141,8 @@ class Person(Base):
 
     __tablename__ = "persons"
     __table_args__ = (
-        # Keyset pages of the people list in each of its orders.
-        sa.Index(None, "user_id", "face_count", "id"),
+        # Keyset pages of the people list in each of its orders (most faces first: the index
+        # ix_persons_user_id_face_count_desc_id below the class, which names the column).
         sa.Index(None, "user_id", "name", "id"),
     )
 
@@ -159,6 +159,10 @@ class Person(Base):
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = mapped_column(
         Timestamp, nullable=False, server_default=sa.func.now(), onupdate=sa.func.now())
+
+
+# Most faces first, ties by id: the people list's default order, so a keyset page is an index range.
+sa.Index("ix_persons_user_id_face_count_desc_id", Person.user_id, Person.face_count.desc(), Person.id)
 
 
 class FacePerson(Base):
