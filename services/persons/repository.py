@@ -150,9 +150,12 @@ def owned_faces(session: Session, user_id: int, face_ids: Collection[int]) -> li
 
 def links_of(session: Session, user_id: int, face_ids: Collection[int]) -> dict[int, tuple[int, str]]:
     """face id -> (person id, source) for those of ``face_ids`` that belong to a person."""
+    face_ids = list(face_ids)
+    if not face_ids:  # an edit of a person's fields alone (a rename) snapshots no links
+        return {}
     rows = session.execute(sa.select(FacePerson.face_id, FacePerson.person_id, FacePerson.source)
                            .join(Face, Face.id == FacePerson.face_id)
-                           .where(Face.user_id == user_id, FacePerson.face_id.in_(list(face_ids))))
+                           .where(Face.user_id == user_id, FacePerson.face_id.in_(face_ids)))
     return {f: (p, s) for f, p, s in rows}
 
 
@@ -396,9 +399,15 @@ def people_page(session: Session, user_id: int, *, hidden: bool | None, favorite
     return list(session.scalars(query.limit(limit)))
 
 
-def person_faces_page(session: Session, user_id: int, person_id: int, after: int, limit: int) -> list[Face]:
-    return list(session.scalars(
-        sa.select(Face).join(FacePerson, FacePerson.face_id == Face.id)
+# What a page of faces shows; not the embedding, landmarks or attributes a Face row also holds.
+FACE_PAGE_COLUMNS = (Face.id, Face.photo_id, Face.x1, Face.y1, Face.x2, Face.y2, Face.det_score, Face.blur,
+                     Face.blurry, Face.trash)
+
+
+def person_faces_page(session: Session, user_id: int, person_id: int, after: int, limit: int) -> list[sa.Row]:
+    """Rows of :data:`FACE_PAGE_COLUMNS` (attributes named like a Face's), by face id after ``after``."""
+    return list(session.execute(
+        sa.select(*FACE_PAGE_COLUMNS).join(FacePerson, FacePerson.face_id == Face.id)
         .where(FacePerson.person_id == person_id, Face.user_id == user_id, Face.id > after)
         .order_by(Face.id).limit(limit)))
 
