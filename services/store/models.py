@@ -144,6 +144,8 @@ class Person(Base):
         # Keyset pages of the people list in each of its orders (most faces first: the index
         # ix_persons_user_id_face_count_desc_id below the class, which names the column).
         sa.Index(None, "user_id", "name", "id"),
+        # Never hand a deleted person's id to a new one (undo restores persons under their ids).
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)

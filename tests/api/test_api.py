@@ -840,12 +840,9 @@ def test_undo_after_a_rejected_face_was_deleted(w, db):
     assert face_ids_of(w.a, P[0]) == F[0][1:]
 
 
-def test_undo_brings_back_a_person_whose_id_another_user_got_meanwhile(w, request):
-    """A merge frees the merged person's id; on SQLite (a rowid without AUTOINCREMENT) the next
-    person anyone makes takes the largest freed id again, and undoing the merge then collides with it."""
-    if w.api.db_url.startswith("sqlite"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason="SQLite reuses a deleted person's id (persons.id "
-                                              "is not AUTOINCREMENT): the undo's insert hits UNIQUE and answers 500"))
+def test_undo_brings_back_a_person_whose_id_another_user_got_meanwhile(w):
+    """A merge frees the merged person's id; if the next person anyone makes took it (SQLite
+    reuses the largest rowid unless the table is AUTOINCREMENT), undoing the merge would collide."""
     part = ok(w.a.post("/api/v1/people", json={"face_ids": [w.F[0][2]]}), 201)["id"]
     before = db_state(w.db, w.ann.user_id)
     ok(w.a.post(f"/api/v1/people/{w.P[0]}/merge", json={"person_ids": [part]}))
