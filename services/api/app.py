@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from facecore.settings import Settings
 
 from .. import thumbnails
-from ..persons.service import NothingToUndo
+from ..persons.service import Refused
 from ..settings import ServiceSettings
 from ..store.db import make_engine, migrate, session_factory
 from ..store.repository import NotFound
@@ -57,12 +57,8 @@ def create_app(database_url: str | None = None, *, settings: Settings | None = N
     def not_found(_request: Request, e: NotFound):
         return _problem(404, f"no {e.args[0] if e.args else 'such object'}")
 
-    @app.exception_handler(NothingToUndo)
-    def nothing_to_undo(_request: Request, e: NothingToUndo):
-        return _problem(409, str(e))
-
-    @app.exception_handler(ValueError)
-    def conflict(_request: Request, e: ValueError):
+    @app.exception_handler(Refused)
+    def refused(_request: Request, e: Refused):
         return _problem(409, str(e))
 
     @app.exception_handler(thumbnails.PhotoUnavailable)
