@@ -34,7 +34,7 @@ import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import bus as busmod
-from .clustering import ClusterSummary, cluster_user
+from .clustering import MIN_SIZE, ClusterSummary, cluster_user
 from .indexing import store_reembedded
 from .publish import object_key, read_object
 from .store import repository as repo
@@ -102,7 +102,7 @@ def reembed_user(sessions: sessionmaker[Session], pipeline, store: Path, name: s
 
 def reembed_library(sessions: sessionmaker[Session], pipeline, store: Path, bus: busmod.Bus, users: Sequence[str],
                     *, batch_size: int = 32, max_bytes: int, cluster: bool = True, max_distance: float = 0.0,
-                    min_size: int = 1, progress: Callable[[int], object] | None = None) -> ReembedSummary:
+                    min_size: int = MIN_SIZE, progress: Callable[[int], object] | None = None) -> ReembedSummary:
     """Re-embed the stale photos of each user (``repository.users_with_other_models`` finds them
     all), re-cluster the user in the new space unless ``cluster`` is off, then announce the
     user's re-embedded photos on ``bus``."""

@@ -231,17 +231,20 @@ def move_person_links(session: Session, from_ids: Collection[int], to_id: int) -
 
 def apply_link_changes(session: Session, removed: Sequence[int], moved: Mapping[int, int],
                        added: Mapping[int, int]) -> None:
-    """A re-clustering's changes to automatic links, in three executemany statements."""
+    """A re-clustering's changes to automatic links, in three executemany statements. Each
+    touches automatic links only and adds a link only where none is, so a link a user made
+    after the re-clustering read the links survives it."""
+    auto = _face_person.c.source == "auto"
     if removed:
-        session.execute(_face_person.delete().where(_face_person.c.face_id == sa.bindparam("face")),
+        session.execute(_face_person.delete().where(_face_person.c.face_id == sa.bindparam("face"), auto),
                         [{"face": f} for f in removed])
     if moved:
-        session.execute(_face_person.update().where(_face_person.c.face_id == sa.bindparam("face"))
+        session.execute(_face_person.update().where(_face_person.c.face_id == sa.bindparam("face"), auto)
                         .values(person_id=sa.bindparam("person"), assigned_at=sa.func.now()),
                         [{"face": f, "person": p} for f, p in moved.items()])
     if added:
-        session.execute(sa.insert(FacePerson), [{"face_id": f, "person_id": p, "source": "auto"}
-                                                for f, p in added.items()])
+        session.execute(_upsert_dialect(session)(FacePerson.__table__).on_conflict_do_nothing(),
+                        [{"face_id": f, "person_id": p, "source": "auto"} for f, p in added.items()])
 
 
 def unlinked_faces(session: Session, user_id: int, face_ids: Collection[int]) -> set[int]:
