@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from services.persons.suggest import (face_margins, least_sure_faces, nearest_person, nearest_persons,
-                                      person_centroids, similar_pairs, similar_persons)
+                                      person_centroids, similar_face_pairs, similar_pairs, similar_persons)
 
 
 def unit(*angles_deg):
@@ -102,3 +102,15 @@ def test_nearest_persons_and_nearest_person_with_exclusion():
     assert nearest_person(unit(80)[0], ids, c) == (2, pytest.approx(np.cos(np.radians(10)), abs=1e-6))
     assert nearest_person(unit(80)[0], ids, c, exclude=[2])[0] == 1
     assert nearest_person(unit(80)[0], ids, c, exclude=[1, 2, 3]) is None
+
+
+def test_similar_face_pairs_skip_one_photo_and_answered_pairs():
+    face_ids = np.array([5, 6, 7, 8], np.int64)
+    x = unit(0, 3, 10, 90)
+    photos = np.array([1, 1, 2, 3], np.int64)  # faces 5 and 6 are in one photo: never one person
+    pairs = similar_face_pairs(face_ids, x, 2, photos=photos)
+    assert [(a, b) for a, b, _ in pairs] == [(6, 7), (5, 7)]
+    assert pairs[0][2] == pytest.approx(np.cos(np.radians(7)), abs=1e-6)
+    assert [(a, b) for a, b, _ in similar_face_pairs(face_ids, x, 1)] == [(5, 6)]  # without photos
+    assert [(a, b) for a, b, _ in similar_face_pairs(face_ids, x, 1, photos=photos, exclude=[(7, 6)])] == [(5, 7)]
+    assert similar_face_pairs(face_ids[:1], x[:1], 3) == []

@@ -194,3 +194,33 @@ def nearest_person(vector: np.ndarray, person_ids: np.ndarray, centroids: np.nda
     sims = np.where(skip, -np.inf, sims)
     i = int(np.lexsort((person_ids, -sims))[0])
     return int(person_ids[i]), float(sims[i])
+
+
+def similar_face_pairs(face_ids: np.ndarray, x: np.ndarray, k: int, *, photos: np.ndarray | None = None,
+                       neighbours: int = 10, exclude: Collection[tuple[int, int]] = ()
+                       ) -> list[tuple[int, int, float]]:
+    """The ``k`` most similar pairs among faces in no person: (a, b, cosine), a < b, most
+    similar first; "are these two the same person?" (a yes makes them a person).
+
+    A library clustered with a minimum person size leaves a person's only face in no person,
+    and two such faces of one person have no person to be moved into; this is the question that
+    joins them. Two faces of one photo (``photos``, the photo of each face) are never one person,
+    so they are never paired. Only each face's ``neighbours`` nearest are considered, as in
+    :func:`similar_pairs`; ``exclude`` holds pairs (either order) already answered.
+    """
+    face_ids = np.asarray(face_ids, np.int64)
+    x = np.asarray(x, np.float32)
+    if len(face_ids) < 2 or k <= 0:
+        return []
+    sims, rows = _search(x, x, neighbours + 1)
+    banned = {(min(a, b), max(a, b)) for a, b in exclude}
+    best: dict[tuple[int, int], float] = {}
+    for i, (srow, irow) in enumerate(zip(sims, rows)):
+        for s, j in zip(srow, irow):
+            if j < 0 or j == i or (photos is not None and photos[i] == photos[j]):
+                continue
+            a, b = sorted((int(face_ids[i]), int(face_ids[j])))
+            if (a, b) not in banned:
+                best[(a, b)] = max(best.get((a, b), -2.0), float(s))
+    pairs = sorted(best.items(), key=lambda item: (-item[1], item[0]))
+    return [(a, b, s) for (a, b), s in pairs[:k]]
