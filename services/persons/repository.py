@@ -46,6 +46,12 @@ def get_persons(session: Session, user_id: int, person_ids: Collection[int], *, 
     return found
 
 
+def confirmed_persons(session: Session, user_id: int, person_ids: Collection[int]) -> set[int]:
+    """Those of ``person_ids`` the user confirmed (by a merge or a split)."""
+    return set(session.scalars(sa.select(Person.id).where(Person.user_id == user_id, Person.user_confirmed.is_(True),
+                                                          Person.id.in_(list(person_ids)))))
+
+
 def new_person(session: Session, user_id: int, *, confirmed: bool = False) -> Person:
     person = Person(user_id=user_id, user_confirmed=confirmed)
     session.add(person)

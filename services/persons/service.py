@@ -238,6 +238,8 @@ def apply_clustering(session: Session, user_id: int, labels: Mapping[int, int]) 
     Each cluster takes over the existing person it shares the most faces with (user and auto
     links counted; one person per cluster, largest overlap first, ties to the older person), so
     ids, names and flags stay while most faces stay together; other clusters get new persons.
+    A person the user confirmed (merged, split) takes every cluster whose faces are mostly its
+    own: the user said those faces are one person, even where the embedder sees two clusters.
     'user' links are never touched, and no face goes into a person it was rejected from.
     """
     unknown = set(labels) - set(store.face_photo_ids(session, user_id, labels))
@@ -245,10 +247,17 @@ def apply_clustering(session: Session, user_id: int, labels: Mapping[int, int]) 
         raise NotFound(f"faces {sorted(unknown)[:10]}")
     links = repo.user_links(session, user_id)
     overlap = Counter((label, links[f][0]) for f, label in labels.items() if label >= 0 and f in links)
+    ranked = sorted(overlap, key=lambda pair: (-overlap[pair], pair[1], pair[0]))
+    mostly: dict[int, int] = {}  # label -> the person most of its linked faces are in
+    for label, person_id in ranked:
+        mostly.setdefault(label, person_id)
+    confirmed = repo.confirmed_persons(session, user_id, set(mostly.values()))
     person_of: dict[int, int] = {}
     taken: set[int] = set()
-    for label, person_id in sorted(overlap, key=lambda pair: (-overlap[pair], pair[1], pair[0])):
-        if label not in person_of and person_id not in taken:
+    for label, person_id in ranked:
+        if label in person_of:
+            continue
+        if person_id not in taken or (person_id in confirmed and mostly[label] == person_id):
             person_of[label] = person_id
             taken.add(person_id)
 

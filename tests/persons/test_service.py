@@ -77,6 +77,22 @@ def test_a_merge_carries_rejections_over_and_a_move_by_hand_lifts_them(session, 
     assert_counts_true(session, lib.user_id)
 
 
+def test_a_merge_outlives_reclustering_even_where_the_embedder_sees_two_clusters(session, lib):
+    """The merged-in faces become the user's links; the target's own faces stay automatic and
+    form a cluster of their own, which must stay with the confirmed person, not leave for a new one."""
+    p0, p1 = lib.person_of[0], lib.person_of[1]
+    extra = [f for f, p in lib.truth.items() if p == 2][:3]
+    person_service.move_faces(session, lib.user_id, extra, p1)  # the merged person is the bigger one
+    person_service.merge(session, lib.user_id, p0, [p1])
+    session.commit()
+    merged = {f for f, p in persons_repo.face_links(session, lib.user_id).items() if p == p0}
+    labels = {**labels_as_now(session, lib), **dict.fromkeys(extra, 1)}  # the embedder agrees with the moves
+    person_service.apply_clustering(session, lib.user_id, labels)
+    session.commit()
+    assert {f for f, p in persons_repo.face_links(session, lib.user_id).items() if p == p0} == merged
+    assert_counts_true(session, lib.user_id)
+
+
 EDITS = {
     "rename": lambda s, lib: person_service.update_person(s, lib.user_id, lib.person_of[0], name="Ann"),
     "hide+favourite": lambda s, lib: person_service.update_person(s, lib.user_id, lib.person_of[1], hidden=True,
