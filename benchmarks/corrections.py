@@ -1,6 +1,6 @@
 """BCubed F1 on LFW-dev after a simulated user answers the questions the people page asks.
 
-The page asks three kinds of question, each answered from the truth (the LFW folder of each
+The page asks four kinds of question, each answered from the truth (the LFW folder of each
 photo; a photo's labelled face is the one nearest the image centre, as the scorer decides):
 
 - merge, "are these two people the same?" (``suggest.similar_pairs``: the library's most
@@ -9,9 +9,14 @@ photo; a photo's labelled face is the one nearest the image centre, as the score
 - face, "is this X?" for the face the clustering is least sure of (``suggest.least_sure_faces``):
   yes -> nothing to change, not asked again; no -> ``service.reject_face`` (the face is then
   in no person);
-- loose face, "is this Y?" for the face in no person (too blurry to cluster, or sent away)
-  most like a person it was not said not to be: yes -> ``service.move_faces``; no -> not asked
-  about that person again.
+- loose face, "is this Y?" for the face in no person (alone in its cluster, too blurry to
+  cluster, or sent away) most like a person it was not said not to be (centroid cosine, as
+  ``suggest.nearest_person``): yes -> ``service.move_faces``; no -> not asked about that
+  person again;
+- lone pair, "are these two the same person?" for the two faces in no person most like each
+  other (``suggest.similar_face_pairs``): yes -> ``service.split_faces`` (a new person of the
+  two); no -> not asked again. Under ``min_cluster_size`` 2 a person's only face is in no
+  person, and this is the only question that can join two of them.
 
 A person's identity, to the simulated user, is the majority folder of its labelled faces. A
 question about a face that is not a photo's labelled face, or a person with none, has no
@@ -32,10 +37,10 @@ The index is made once, by the product (a few minutes on 2 cores), and copied fo
     .venv/bin/python benchmarks/corrections.py --index out/corrections/lfw-dev.db --out out/corrections \\
         [--policy scored] [--budgets 0,10,50,200] [--svg docs/corrections.svg]
 
-Policies (``--policy``, several comma-separated): ``pairs`` (merge questions only), ``faces``
-(least-sure faces only), ``alternate`` (merge, face, loose face in turn), ``scored`` (the
-candidate furthest past the clustering's own line), ``adaptive`` (the kind whose recent
-answers changed the most); see ``choose``.
+Policies (``--policy``, several comma-separated): ``merges``, ``faces``, ``loose`` (one kind
+only; ``loose``: loose faces and lone pairs), ``alternate`` (the four kinds in turn),
+``scored`` (the candidate furthest past the clustering's own line), ``adaptive`` (the kind
+whose recent answers changed the most); see ``choose``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ import numpy as np
 from facecore.settings import load_settings
 from services.persons import repository as persons_repo
 from services.persons import service
-from services.persons.suggest import least_sure_faces, person_centroids, similar_pairs
+from services.persons.suggest import least_sure_faces, person_centroids, similar_face_pairs, similar_pairs
 from services.store import repository as store
 from services.store.db import make_engine, migrate, session_factory
 
@@ -64,15 +69,14 @@ from score import DEFAULT_DATA, score_clusters
 
 REPO = Path(__file__).resolve().parents[1]
 FACECLUSTER = [str(Path(sys.executable).parent / "facecluster")]
-POLICIES = ("pairs", "faces", "alternate", "scored", "adaptive")
+POLICIES = ("merges", "faces", "loose", "alternate", "scored", "adaptive")
 WINDOW = 20  # "adaptive": answers of each kind it judges the kind by
 FIGURES = ("bcubed_precision", "bcubed_recall", "bcubed_f1", "pairwise_precision", "pairwise_recall",
            "pairwise_f1", "clusters")
-# "scored": the candidate of each kind is mapped to how far it is past the line where the
-# clustering's own decision sits, in cosine units; the largest wins (see choose()).
-MERGE_LINE = 0.44   # 1 - the SFace cut 0.56: pairs of persons above it are near the cut
-FACE_LINE = 0.0     # a face as close to another person as to the rest of its own
-LOOSE_LINE = 0.44   # a loose face as close to a person as a merge would need
+# "scored": each candidate is placed by how far it is past the line where the clustering's own
+# decision sits, in cosine units; the furthest wins (see choose()).
+LINE = 0.44        # 1 - the SFace cut 0.56: a similarity (person, loose face, lone pair) above it
+FACE_LINE = 0.0    # a face as close to another person as to the rest of its own
 
 
 # ------------------------------------------------------------------------------ the library
@@ -94,9 +98,10 @@ class Library:
     linkage's own measure, which the clustering cut was chosen on).
     """
 
-    def __init__(self, user_id: int, face_ids: np.ndarray, x: np.ndarray, sharp: np.ndarray,
+    def __init__(self, user_id: int, face_ids: np.ndarray, x: np.ndarray, sharp: np.ndarray, photos: np.ndarray,
                  truth: dict[int, str], n_export: int, similarity: str = "centroid"):
         self.user_id, self.face_ids, self.x, self.sharp = user_id, face_ids, x.astype(np.float32), sharp
+        self.photo = photos
         self.truth, self.n_export, self.similarity = truth, n_export, similarity
         self.row = {int(f): i for i, f in enumerate(face_ids)}
         self.selfdot = np.einsum("ij,ij->i", self.x, self.x)
@@ -114,9 +119,12 @@ class Library:
         self.fp = np.zeros((n, 0), np.float32)  # face x person similarity; -inf: own person, dead
         self.fp_best = np.full(n, -np.inf, np.float32)
         self.fp_arg = np.full(n, -1, np.int64)
+        self.lp_best = np.full(n, -np.inf, np.float32)  # face in no person: its best such face
+        self.lp_arg = np.full(n, -1, np.int64)
         self.asked_pairs: set[tuple[int, int]] = set()
         self.asked_faces: set[int] = set()
         self.asked_loose: set[tuple[int, int]] = set()
+        self.asked_face_pairs: dict[int, set[int]] = {}
 
     def _column(self, person_id: int) -> int:
         if person_id not in self.col:
@@ -154,7 +162,8 @@ class Library:
                     links[f] = now[f]
                 else:
                     del links[f]
-        touched, moved_rows = set(), []
+        first = not self.links
+        touched, moved_rows, left, entered = set(), [], [], []
         for f in changed:
             old, new = self.links.get(f), links.get(f)
             touched.update(self._column(p) for p in (old, new) if p is not None)
@@ -176,9 +185,17 @@ class Library:
                     self.cnt[self.col[new]] += 1
             self.own[r] = self.col[new] if new is not None else -1
             moved_rows.append(r)
+            if old is None and new is not None:
+                left.append(r)
+            elif new is None and old is not None:
+                entered.append(r)
         self.links = links
         if touched:
             self._update(np.array(sorted(touched)), np.array(moved_rows, np.int64))
+        if first:
+            self._lp_rows(np.flatnonzero(self.own < 0))
+        else:
+            self._lp_update(np.array(left, np.int64), np.array(entered, np.int64))
 
     def _update(self, t: np.ndarray, moved_rows: np.ndarray) -> None:
         k = len(self.col)
@@ -235,6 +252,48 @@ class Library:
             sub = self.fp[rows, :k]
             self.fp_arg[rows] = sub.argmax(1)
             self.fp_best[rows] = sub[np.arange(len(rows)), self.fp_arg[rows]]
+
+    def _lp_sims(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Similarities of faces ``rows`` to faces ``cols``; -inf for two faces of one photo (a
+        face and itself included) and for pairs already asked."""
+        sims = self.x[rows] @ self.x[cols].T
+        sims[self.photo[rows][:, None] == self.photo[cols][None, :]] = -np.inf
+        where = {int(c): j for j, c in enumerate(cols)}
+        for i, r in enumerate(rows):
+            for other in self.asked_face_pairs.get(int(self.face_ids[r]), ()):
+                j = where.get(self.row[other])
+                if j is not None:
+                    sims[i, j] = -np.inf
+        return sims
+
+    def _lp_rows(self, rows: np.ndarray) -> None:
+        """Best face in no person for each of ``rows`` (faces in no person), from scratch."""
+        rows = rows[self.own[rows] < 0]
+        cols = np.flatnonzero(self.own < 0)
+        if len(rows) == 0:
+            return
+        for chunk in np.array_split(rows, max(1, len(rows) // 1000)):
+            sims = self._lp_sims(chunk, cols)
+            arg = sims.argmax(1)
+            self.lp_best[chunk] = sims[np.arange(len(chunk)), arg]
+            self.lp_arg[chunk] = cols[arg]
+
+    def _lp_update(self, left: np.ndarray, entered: np.ndarray) -> None:
+        """Faces ``left`` joined a person, faces ``entered`` left theirs: keep each face in no
+        person's best such face right."""
+        self.lp_best[left] = -np.inf
+        self.lp_arg[left] = -1
+        loose = np.flatnonzero(self.own < 0)
+        redo = np.union1d(entered, loose[np.isin(self.lp_arg[loose], left)])
+        self._lp_rows(redo)
+        rest = np.setdiff1d(loose, redo)
+        if len(entered) and len(rest):
+            sims = self._lp_sims(rest, entered)
+            arg = sims.argmax(1)
+            v = sims[np.arange(len(rest)), arg]
+            better = v > self.lp_best[rest]
+            self.lp_best[rest[better]] = v[better]
+            self.lp_arg[rest[better]] = entered[arg[better]]
 
     # -------------------------------------------------------------------- the next questions
 
@@ -297,6 +356,17 @@ class Library:
             return None
         return Question("loose", int(self.face_ids[rows[i]]), int(self.pid[j]), float(a[i, j]))
 
+    def next_pair(self) -> Question | None:
+        """The two faces in no person (of different photos) most like each other, not asked yet."""
+        loose = np.flatnonzero(self.own < 0)
+        if len(loose) < 2:
+            return None
+        i = loose[int(np.argmax(self.lp_best[loose]))]
+        if not np.isfinite(self.lp_best[i]):
+            return None
+        a, b = sorted((int(self.face_ids[i]), int(self.face_ids[self.lp_arg[i]])))
+        return Question("pair", a, b, float(self.lp_best[i]))
+
     # -------------------------------------------------------------------- what was asked
 
     def ask_pair(self, a: int, b: int) -> None:
@@ -304,6 +374,11 @@ class Library:
         i, j = self.col[a], self.col[b]
         self.pp[i, j] = self.pp[j, i] = -np.inf
         self._pp_rows(np.array([i, j]))
+
+    def ask_face_pair(self, a: int, b: int) -> None:
+        self.asked_face_pairs.setdefault(a, set()).add(b)
+        self.asked_face_pairs.setdefault(b, set()).add(a)
+        self._lp_rows(np.array([self.row[a], self.row[b]]))
 
     # -------------------------------------------------------------------- the truth
 
@@ -320,18 +395,24 @@ class Library:
         return min((f for f in self.members.get(person_id, ()) if f != but and self.truth.get(f) == name),
                    default=None)
 
-    def agree_with_suggest(self) -> tuple[float, float, float, float]:
+    def agree_with_suggest(self) -> tuple[float, ...]:
         """(merge score here, by ``suggest.similar_pairs``, face margin here, by
-        ``suggest.least_sure_faces``) for the next question of each kind (centroid similarity)."""
+        ``suggest.least_sure_faces``, lone pair here, by ``suggest.similar_face_pairs``) for the
+        next question of each kind (centroid similarity)."""
         person_of = np.array([self.links.get(int(f), -1) for f in self.face_ids], np.int64)
         linked = self.sharp & (person_of >= 0)
         ids, centroids = person_centroids(person_of[linked], self.x[linked])
         pair = similar_pairs(ids, centroids, 1, neighbours=50, exclude=self.asked_pairs)
         face = least_sure_faces(self.face_ids[linked], person_of[linked], self.x[linked], ids, centroids, 1,
                                 exclude=self.asked_faces)
-        mine_pair, mine_face = self.next_merge(), self.next_face()
+        loose = person_of < 0
+        asked = [(a, b) for a, others in self.asked_face_pairs.items() for b in others]
+        lone = similar_face_pairs(self.face_ids[loose], self.x[loose], 1, photos=self.photo[loose], neighbours=50,
+                                  exclude=asked)
+        mine_pair, mine_face, mine_lone = self.next_merge(), self.next_face(), self.next_pair()
         return (mine_pair.score if mine_pair else np.nan, pair[0][2] if pair else np.nan,
-                mine_face.score if mine_face else np.nan, face[0][1] if face else np.nan)
+                mine_face.score if mine_face else np.nan, face[0][1] if face else np.nan,
+                mine_lone.score if mine_lone else np.nan, lone[0][2] if lone else np.nan)
 
 
 def open_library(url: str, images: Path, similarity: str = "centroid") -> tuple:
@@ -343,9 +424,11 @@ def open_library(url: str, images: Path, similarity: str = "centroid") -> tuple:
         rows = list(store.export_rows(session, uid))
         ids, x = store.user_embeddings(session, uid, include_blurry=True)
         sharp_ids, _ = store.user_embeddings(session, uid)
+        photo_of = store.face_photo_ids(session, uid, ids)
     central = central_faces(rows, {r["face_id"] for r in rows}, images)
     truth = {face: photo.split("/")[0] for photo, face in central.items()}
-    lib = Library(uid, ids, x, np.isin(ids, sharp_ids), truth, len(rows), similarity)
+    photos = np.array([photo_of[int(f)] for f in ids], np.int64)
+    lib = Library(uid, ids, x, np.isin(ids, sharp_ids), photos, truth, len(rows), similarity)
     return engine, sessions, lib
 
 
@@ -362,36 +445,39 @@ class Question:
 
 def choose(policy: str, step: int, lib: Library, history: dict[str, list[bool]]) -> Question | None:
     """The next question under ``policy``; ``history`` holds, per kind, whether each answer so
-    far changed something (a merge "yes", a face "no", a loose face "yes").
+    far changed something (a merge "yes", a face "no", a loose face or lone pair "yes").
 
-    - ``scored``: the three candidates on one scale, how far each is past the line where the
-      clustering's own decision sits: a merge pair's similarity above 1 - cut, a face's margin
-      below 0 (closer to another person than to the rest of its own), a loose face's
-      similarity above 1 - cut;
+    - ``merges``, ``faces``: only that kind; ``loose``: loose face or lone pair, the more similar;
+    - ``alternate``: merge, face, loose face, lone pair in turn (a kind with no candidate is skipped);
+    - ``scored``: the candidates on one scale, how far each is past the line where the
+      clustering's own decision sits: a similarity above 1 - cut (merge, loose face, lone pair),
+      a face's margin below 0 (closer to another person than to the rest of its own);
     - ``adaptive``: the candidate of the kind whose last ``WINDOW`` answers changed the most
-      (a kind not asked yet counts as one in two), i.e. the user's own answers decide.
+      (a kind not asked yet counts as one in two): the user's own answers decide.
     """
-    if policy == "pairs":
+    makers = {"merge": lib.next_merge, "face": lib.next_face, "loose": lib.next_loose, "pair": lib.next_pair}
+    if policy == "merges":
         return lib.next_merge()
     if policy == "faces":
         return lib.next_face()
-    makers = {"merge": lib.next_merge, "face": lib.next_face, "loose": lib.next_loose}
+    if policy == "loose":
+        return max((q for q in (lib.next_loose(), lib.next_pair()) if q is not None), key=lambda q: q.score,
+                   default=None)
     if policy == "alternate":
         kinds = list(makers)
-        for i in range(3):
-            q = makers[kinds[(step + i) % 3]]()
+        for i in range(len(kinds)):
+            q = makers[kinds[(step + i) % len(kinds)]]()
             if q is not None:
                 return q
         return None
     candidates = [q for q in (m() for m in makers.values()) if q is not None]
     if policy == "scored":
-        past = {"merge": lambda s: s - MERGE_LINE, "face": lambda s: FACE_LINE - s, "loose": lambda s: s - LOOSE_LINE}
-        return max(candidates, key=lambda q: past[q.kind](q.score), default=None)
+        return max(candidates, key=lambda q: FACE_LINE - q.score if q.kind == "face" else q.score - LINE, default=None)
     if policy == "adaptive":
         def rate(kind: str) -> float:
             recent = history.get(kind, [])[-WINDOW:]
             return (sum(recent) + 1) / (len(recent) + 2)
-        return max(candidates, key=lambda q: rate(q.kind), default=None)  # ties: merge, face, loose
+        return max(candidates, key=lambda q: rate(q.kind), default=None)  # ties: in the order of makers
     raise ValueError(f"unknown policy {policy}")
 
 
@@ -418,6 +504,17 @@ def answer(session, lib: Library, q: Question, checks: list[Check], merge_into: 
     A merge goes into the person with more faces (``merge_into`` "smaller": the other way).
     """
     uid = lib.user_id
+    if q.kind == "pair":
+        lib.ask_face_pair(q.a, q.b)
+        na, nb = lib.truth.get(q.a), lib.truth.get(q.b)
+        if na is None or nb is None:
+            return "unknown"
+        if na != nb:
+            checks.append(Check("pair-no", q.a, q.b, False))
+            return "no"
+        service.split_faces(session, uid, [q.a, q.b])
+        checks.append(Check("pair-yes", q.a, q.b, True))
+        return "yes"
     if q.kind == "merge":
         lib.ask_pair(q.a, q.b)
         ia, ib = lib.identity(q.a), lib.identity(q.b)
@@ -548,8 +645,9 @@ def run_policy(policy: str, index: Path, out: Path, budgets: list[int], data: Pa
                 step += 1
                 if q is None:
                     break
-                persons = (q.a, q.b) if q.kind == "merge" else (q.b,)
-                faces = [f for p in persons for f in lib.members.get(p, ())] + ([q.a] if q.kind != "merge" else [])
+                persons = {"merge": (q.a, q.b), "pair": ()}.get(q.kind, (q.b,))
+                faces = [f for p in persons for f in lib.members.get(p, ())]
+                faces += {"merge": [], "pair": [q.a, q.b]}.get(q.kind, [q.a])
                 reply = answer(session, lib, q, checks, merge_into)
                 session.commit()
                 answers += 1
@@ -579,10 +677,10 @@ def run_policy(policy: str, index: Path, out: Path, budgets: list[int], data: Pa
             print(json.dumps(row), flush=True)
     engine.dispose()
     (folder / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    agree = np.array(agreement, np.float64).reshape(-1, 4)
+    agree = np.array(agreement, np.float64).reshape(-1, 6)
     same = lambda a, b: bool(np.all((np.isnan(a) & np.isnan(b)) | (np.abs(a - b) < 1e-4)))
     check = {"checked": len(agree), "merge_agrees": same(agree[:, 0], agree[:, 1]),
-             "face_agrees": same(agree[:, 2], agree[:, 3])}
+             "face_agrees": same(agree[:, 2], agree[:, 3]), "lone_pair_agrees": same(agree[:, 4], agree[:, 5])}
     print(json.dumps({"run": name, "suggest_check": check}), flush=True)
     return {"run": name, "rows": results, "suggest_check": check}
 
@@ -609,7 +707,7 @@ def svg_plot(runs: list[dict], path: Path, title: str) -> None:
         out.append(f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.4f}</text>')
     for i, x in enumerate(xs):
         out.append(f'<text x="{sx(i):.1f}" y="{h - bottom + 18}" text-anchor="middle">{x}</text>')
-    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 10}" text-anchor="middle">answers per 1,000 faces</text>')
+    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 10}" text-anchor="middle">answers per 1,000 faces (the budgets; not to scale)</text>')
     out.append(f'<text x="16" y="{(top + h - bottom) / 2}" text-anchor="middle" '
                f'transform="rotate(-90 16 {(top + h - bottom) / 2})">BCubed F1</text>')
     out.append(f'<rect x="{left}" y="{top}" width="{w - left - right}" height="{h - top - bottom}" '
