@@ -536,9 +536,20 @@ class RawClient:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
+    reconnects = 0  # kept-alive connections the server had closed when a request was sent on them
+
     async def request(self, method: str, path: str, params: dict | None = None, json: dict | None = None
                       ) -> tuple[int, bytes]:
+        reused = self.writer is not None
         try:
+            return await self._request(method, path, params, json)
+        except ConnectionResetError:
+            await self.close()
+            if not reused:
+                raise
+            # The server closed the idle connection as the request went out (nothing was read,
+            # so nothing was done): send it again on a new one, as HTTP clients do.
+            RawClient.reconnects += 1
             return await self._request(method, path, params, json)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             await self.close()  # the next request connects again
@@ -553,7 +564,10 @@ class RawClient:
         if json_body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         self.writer.write(head.encode() + b"\r\n" + body)
-        status = int((await self.reader.readline()).split()[1])
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionResetError("the server closed the connection")
+        status = int(status_line.split()[1])
         length, chunked, close = 0, False, False
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
@@ -637,6 +651,7 @@ async def run_phase(base: str, token: str, pools: dict, *, clients: int, duratio
     samples: list[str] = []
     issued = 0
     deadline = time.perf_counter() + duration
+    resent = RawClient.reconnects
 
     async def client_loop(client):
         nonlocal issued
@@ -674,7 +689,7 @@ async def run_phase(base: str, token: str, pools: dict, *, clients: int, duratio
                                for _ in range(clients)))
         wall = time.perf_counter() - t0
     out = {"wall_s": round(wall, 1), "requests": sum(len(v) for v in latencies.values()) + sum(errors.values()),
-           "ops": summarise(latencies, errors, wall), "error_samples": samples}
+           "ops": summarise(latencies, errors, wall), "error_samples": samples, "resent": RawClient.reconnects - resent}
     out["throughput_rps"] = round(out["requests"] / wall, 1)
     return out
 
@@ -699,7 +714,8 @@ def print_phase(label: str, res: dict) -> None:
           f"{res['cores_used']['api']}, PostgreSQL {res['cores_used']['postgres']}, this client "
           f"{res['cores_used']['client']}; CPU ms per request: API {res['cpu_ms_per_request']['api']}, "
           f"PostgreSQL {res['cpu_ms_per_request']['postgres']}, client {res['cpu_ms_per_request']['client']}; "
-          f"{res['connections_opened']} database connections opened")
+          f"{res['connections_opened']} database connections opened; {res['resent']} requests sent again "
+          "(the server had closed the kept-alive connection)")
     print(f"{'operation':<18}{'n':>7}{'err':>5}{'req/s':>8}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}  target p95")
     for op, r in res["ops"].items():
         ok = "met" if r["n"] and r["p95"] < TARGET_MS[op] else "MISSED"
