@@ -443,9 +443,9 @@ class Question:
     score: float                    # merge/loose: similarity; face: margin
 
 
-def choose(policy: str, step: int, lib: Library, history: dict[str, list[bool]]) -> Question | None:
-    """The next question under ``policy``; ``history`` holds, per kind, whether each answer so
-    far changed something (a merge "yes", a face "no", a loose face or lone pair "yes").
+def choose(policy: str, step: int, lib: Library, history: dict[str, list[tuple[int, bool]]]) -> Question | None:
+    """The next question under ``policy``; ``history`` holds, per kind, (step, whether the answer
+    changed something: a merge "yes", a face "no", a loose face or lone pair "yes").
 
     - ``merges``, ``faces``: only that kind; ``loose``: loose face or lone pair, the more similar;
     - ``alternate``: merge, face, loose face, lone pair in turn (a kind with no candidate is skipped);
@@ -453,7 +453,8 @@ def choose(policy: str, step: int, lib: Library, history: dict[str, list[bool]])
       clustering's own decision sits: a similarity above 1 - cut (merge, loose face, lone pair),
       a face's margin below 0 (closer to another person than to the rest of its own);
     - ``adaptive``: the candidate of the kind whose last ``WINDOW`` answers changed the most
-      (a kind not asked yet counts as one in two): the user's own answers decide.
+      (a kind not asked yet counts as one in two; ties to the kind asked longest ago): the
+      user's own answers decide.
     """
     makers = {"merge": lib.next_merge, "face": lib.next_face, "loose": lib.next_loose, "pair": lib.next_pair}
     if policy == "merges":
@@ -474,10 +475,10 @@ def choose(policy: str, step: int, lib: Library, history: dict[str, list[bool]])
     if policy == "scored":
         return max(candidates, key=lambda q: FACE_LINE - q.score if q.kind == "face" else q.score - LINE, default=None)
     if policy == "adaptive":
-        def rate(kind: str) -> float:
+        def rate(kind: str) -> tuple[float, int]:
             recent = history.get(kind, [])[-WINDOW:]
-            return (sum(recent) + 1) / (len(recent) + 2)
-        return max(candidates, key=lambda q: rate(q.kind), default=None)  # ties: in the order of makers
+            return (sum(ok for _, ok in recent) + 1) / (len(recent) + 2), -(recent[-1][0] if recent else -1)
+        return max(candidates, key=lambda q: rate(q.kind), default=None)
     raise ValueError(f"unknown policy {policy}")
 
 
@@ -632,7 +633,7 @@ def run_policy(policy: str, index: Path, out: Path, budgets: list[int], data: Pa
     checks: list[Check] = []
     log, results, agreement = [], [], []
     answers, step, seconds, elsewhere = 0, 0, 0.0, 0
-    history: dict[str, list[bool]] = {}
+    history: dict[str, list[tuple[int, bool]]] = {}
     counts: Counter = Counter()
     with sessions() as session:
         lib.refresh(session)
@@ -652,7 +653,7 @@ def run_policy(policy: str, index: Path, out: Path, budgets: list[int], data: Pa
                 session.commit()
                 answers += 1
                 counts[(q.kind, reply)] += 1
-                history.setdefault(q.kind, []).append(reply == ("no" if q.kind == "face" else "yes"))
+                history.setdefault(q.kind, []).append((step, reply == ("no" if q.kind == "face" else "yes")))
                 log.append({"n": answers, "kind": q.kind, "a": q.a, "b": q.b, "score": round(q.score, 4),
                             "answer": reply})
                 lib.refresh(session, faces)
@@ -748,7 +749,7 @@ def table(runs: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--index", type=Path, required=True, help="SQLite file of an indexed and clustered LFW-dev")
+    ap.add_argument("--index", type=Path, help="SQLite file of an indexed and clustered LFW-dev (required to run)")
     ap.add_argument("--out", type=Path, default=Path("out/corrections"))
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--policy", default="scored", help=f"comma-separated, of {', '.join(POLICIES)}")
@@ -759,7 +760,17 @@ def main() -> None:
     ap.add_argument("--merge-into", default="larger", choices=("larger", "smaller"),
                     help="which of two persons a 'yes' keeps (the page would keep the larger)")
     ap.add_argument("--svg", type=Path, help="write the plot of BCubed F1 here")
+    ap.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
+                    help="run nothing: the table and plot of runs saved by earlier runs (OUT/corrections-*.json)")
     args = ap.parse_args()
+    if args.from_json:
+        runs = [run for path in args.from_json for run in json.loads(path.read_text())]
+        print(table(runs))
+        if args.svg:
+            svg_plot(runs, args.svg, "LFW-dev: BCubed F1 after a user's answers")
+        return
+    if args.index is None:
+        ap.error("--index is required to run")
     budgets = sorted(int(b) for b in args.budgets.split(","))
     args.out, args.index = args.out.resolve(), args.index.resolve()  # the CLI runs in the repository
     settings = load_settings()
