@@ -391,16 +391,24 @@ def people_page(session: Session, user_id: int, *, hidden: bool | None, favorite
                 rows += session.scalars(query.where(Person.face_count < count).limit(limit - len(rows)))
             return rows
     elif order == "name":
-        # Named persons by name, then the unnamed ones; '' sorts the unnamed after every name
-        # only with a sentinel, so unnamed rows are paged by id after the named ones.
-        if after:
-            name, pid = after
-            if name is None:
-                query = query.where(Person.name.is_(None), Person.id > pid)
-            else:
-                query = query.where(sa.or_(Person.name > name, sa.and_(Person.name == name, Person.id > pid),
-                                           Person.name.is_(None)))
-        query = query.order_by(Person.name.is_(None), Person.name, Person.id)
+        # Named persons by (name, id), then the unnamed ones by id. Each part is one range of the
+        # (user_id, name, id) index, read in turn until the page is full, so a deep page costs
+        # what the first does (ORDER BY name IS NULL, ... would sort every person per page).
+        name, pid = after if after else (None, None)
+        named, unnamed = query.where(Person.name.is_not(None)), query.where(Person.name.is_(None))
+        if after and name is None:
+            parts = [unnamed.where(Person.id > pid).order_by(Person.id)]
+        else:
+            by_name = named.order_by(Person.name, Person.id)
+            parts = ([by_name.where(Person.name == name, Person.id > pid), by_name.where(Person.name > name)]
+                     if after else [by_name])
+            parts.append(unnamed.order_by(Person.id))
+        rows: list[Person] = []
+        for part in parts:
+            if len(rows) == limit:
+                break
+            rows += session.scalars(part.limit(limit - len(rows)))
+        return rows
     else:  # newest
         if after:
             query = query.where(Person.id < after[0])
