@@ -37,7 +37,9 @@ def make_engine(url: str | sa.URL) -> sa.Engine:
     url = sa.make_url(url)
     if url.get_backend_name() != "sqlite":
         # pre_ping: a pooled connection to a restarted server is replaced, not handed out dead.
-        return sa.create_engine(url, pool_pre_ping=True, json_serializer=_json_dumps)
+        # pool: the API serves up to 40 requests at once from its thread pool; with the default
+        # 5 + 10 connections the rest opened and closed a connection per request.
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20, json_serializer=_json_dumps)
 
     database = url.database or ""
     if database and database != ":memory:":
