@@ -115,8 +115,8 @@ def update_person(session: Session, user_id: int, person_id: int, *, name=UNSET,
 
 
 def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[int]) -> tuple[Person, list[dict]]:
-    """Every face of ``other_ids`` joins ``person_id`` as the user's own link and the others are
-    deleted; the target is confirmed and keeps its name (or takes the first merged person's).
+    """Every face of ``other_ids`` joins ``person_id`` and the others are deleted; all the
+    target's faces are then the user's own links; the target is confirmed and keeps its name (or takes the first merged person's).
     Faces rejected from a merged person stay rejected from the target, and the target's faces,
     as after a move by hand, are no longer rejected from it (the user has now said they belong),
     so no face ends up in a person it is rejected from. One result per id."""
@@ -129,10 +129,14 @@ def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[
     found = repo.get_persons(session, user_id, [person_id, *others], lock=True)
     target = found[person_id]
     faces = repo.faces_of_persons(session, others)
-    snapshot = _snapshot(session, user_id, [person_id, *others], faces)
+    own = repo.faces_of_persons(session, [person_id])
+    snapshot = _snapshot(session, user_id, [person_id, *others], [*faces, *own])
     counts = Counter(p for _, (p, _) in repo.links_of(session, user_id, faces).items())
     moved_rejections = [(f, person_id) for f, p in repo.rejections(session, user_id, person_ids=others)]
-    repo.move_person_links(session, others, person_id)
+    # The target's own faces become the user's links too: the user has said they are one person
+    # with the merged ones, so no re-clustering may take them away (a cluster below the minimum
+    # size, or one the embedder splits off, would otherwise leave the merged person).
+    repo.move_person_links(session, [person_id, *others], person_id)
     repo.add_rejections(session, user_id, moved_rejections)
     members = set(repo.faces_of_persons(session, [person_id]))
     repo.delete_rejection_pairs(session, user_id, [(f, p) for f, p in repo.rejections(

@@ -138,7 +138,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser) -> Iterator[Page]:
     context = browser.new_context(viewport=VIEWPORT, locale="en-US")
-    context.set_default_timeout(15_000)
+    context.set_default_timeout(60_000)  # generous: a busy 2-core CI machine, not a timing check
     page = context.new_page()
     page.js_errors = []
     page.on("pageerror", lambda e: page.js_errors.append(str(e)))
@@ -193,7 +193,7 @@ def wait_images_loaded(page: Page, selector: str, count: int) -> None:
            }""", arg=[selector, count])
 
 
-def wait_until(page: Page, condition: str, what: str, timeout_ms: float = 15_000) -> None:
+def wait_until(page: Page, condition: str, what: str, timeout_ms: float = 60_000) -> None:
     """Waits for the JavaScript ``condition``; a timeout says ``what`` was awaited and how the grid stood."""
     try:
         page.wait_for_function(condition, timeout=timeout_ms)

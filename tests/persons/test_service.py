@@ -93,6 +93,24 @@ def test_a_merge_outlives_reclustering_even_where_the_embedder_sees_two_clusters
     assert_counts_true(session, lib.user_id)
 
 
+def test_a_merge_of_one_face_persons_outlives_a_reclustering_that_leaves_both_faces_alone(session, lib):
+    """Two automatic one-face persons (a library clustered with a minimum size of 1) merged; under
+    a minimum of 2 the re-clustering leaves both faces unclustered, and the merge must keep both
+    (the target's own face is the user's link after a merge, like the merged-in one)."""
+    a = [f for f, p in lib.truth.items() if p == 0][0]
+    b = [f for f, p in lib.truth.items() if p == 1][0]
+    made = person_service.apply_clustering(session, lib.user_id, {**lib.truth, a: 100, b: 101})  # min size 1
+    pa, pb = made[100], made[101]
+    person_service.merge(session, lib.user_id, pa, [pb])
+    session.commit()
+    labels = {f: p for f, p in lib.truth.items() if f not in (a, b)}  # a and b: noise to the clustering
+    person_service.apply_clustering(session, lib.user_id, labels)
+    session.commit()
+    links = persons_repo.face_links(session, lib.user_id)
+    assert links[a] == links[b] == pa
+    assert_counts_true(session, lib.user_id)
+
+
 EDITS = {
     "rename": lambda s, lib: person_service.update_person(s, lib.user_id, lib.person_of[0], name="Ann"),
     "hide+favourite": lambda s, lib: person_service.update_person(s, lib.user_id, lib.person_of[1], hidden=True,
