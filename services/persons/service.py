@@ -116,10 +116,10 @@ def update_person(session: Session, user_id: int, person_id: int, *, name=UNSET,
 
 def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[int]) -> tuple[Person, list[dict]]:
     """Every face of ``other_ids`` joins ``person_id`` and the others are deleted; all the
-    target's faces are then the user's own links; the target is confirmed and keeps its name (or takes the first merged person's).
-    Faces rejected from a merged person stay rejected from the target, and the target's faces,
-    as after a move by hand, are no longer rejected from it (the user has now said they belong),
-    so no face ends up in a person it is rejected from. One result per id."""
+    target's faces are then the user's own links, and the target is confirmed and keeps its
+    name (or takes the first merged person's). Faces rejected from a merged person stay rejected
+    from the target, and the target's faces, as after a move by hand, are no longer rejected
+    from it, so no face ends up in a person it is rejected from. One result per id."""
     others = list(dict.fromkeys(int(p) for p in other_ids))
     if not others:
         raise Refused("no persons to merge given")
@@ -128,24 +128,24 @@ def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[
     repo.lock_edits(session, user_id)
     found = repo.get_persons(session, user_id, [person_id, *others], lock=True)
     target = found[person_id]
-    faces = repo.faces_of_persons(session, others)
-    own = repo.faces_of_persons(session, [person_id])
-    snapshot = _snapshot(session, user_id, [person_id, *others], [*faces, *own])
-    counts = Counter(p for _, (p, _) in repo.links_of(session, user_id, faces).items())
-    moved_rejections = [(f, person_id) for f, p in repo.rejections(session, user_id, person_ids=others)]
+    members = repo.faces_of_persons(session, [person_id, *others])  # the target's, once merged
+    snapshot = _snapshot(session, user_id, [person_id, *others], members)
+    counts = Counter(p for _, p, _ in snapshot["links"])
     # The target's own faces become the user's links too: the user has said they are one person
     # with the merged ones, so no re-clustering may take them away (a cluster below the minimum
     # size, or one the embedder splits off, would otherwise leave the merged person).
     repo.move_person_links(session, [person_id, *others], person_id)
-    repo.add_rejections(session, user_id, moved_rejections)
-    members = set(repo.faces_of_persons(session, [person_id]))
-    repo.delete_rejection_pairs(session, user_id, [(f, p) for f, p in repo.rejections(
-        session, user_id, person_ids=[person_id]) if f in members])
+    rejected = [tuple(r) for r in snapshot["rejections"]]
+    repo.add_rejections(session, user_id, [(f, person_id) for f, p in rejected if p in found and p != person_id])
+    in_target = set(members)
+    repo.delete_rejection_pairs(session, user_id, [(f, p) for f, p in rejected if p == person_id and f in in_target])
     name = target.name or next((found[p].name for p in others if found[p].name), None)
     repo.update_person(session, target, name=name, user_confirmed=True)
     repo.delete_persons(session, user_id, others)
-    _after_link_change(session, user_id, [person_id])
-    _log(session, user_id, "merge", f"merged {len(others)} into {_label(target)} ({len(faces)} faces)", snapshot)
+    store.touch_clustering(session, user_id)
+    repo.refresh_persons(session, user_id, [person_id])  # confirmed: never dropped when empty
+    merged = sum(counts[p] for p in others)
+    _log(session, user_id, "merge", f"merged {len(others)} into {_label(target)} ({merged} faces)", snapshot)
     return target, [{"person_id": p, "merged": True, "faces": counts.get(p, 0)} for p in others]
 
 
