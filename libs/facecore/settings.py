@@ -38,8 +38,19 @@ class _TomlSource(PydanticBaseSettingsSource):
         return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
 
 
-class Settings(BaseSettings):
+class FaceclusterSettings(BaseSettings):
+    """Where every settings object of the project reads from: init arguments, then
+    ``FACECLUSTER_*`` environment variables, then the TOML file (``--config``/FACECLUSTER_CONFIG)."""
+
     model_config = SettingsConfigDict(env_prefix="FACECLUSTER_", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings, env_settings, _TomlSource(settings_cls), file_secret_settings)
+
+
+class Settings(FaceclusterSettings):
 
     # where state lives
     database_url: str = "sqlite:///facecluster.db"
@@ -104,10 +115,6 @@ class Settings(BaseSettings):
                                      "faces (the same photos then give the same albums embedded and in the cloud); "
                                      "above it, it files new faces incrementally; 0 = always incrementally")
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
-        return (init_settings, env_settings, _TomlSource(settings_cls), file_secret_settings)
 
 
 def load_settings(config: str | os.PathLike | None = None, **overrides: Any) -> Settings:
