@@ -52,7 +52,7 @@ from ..bus import Bus, Message, dead_letter, retry, worker_args
 from ..clustering import recluster
 from ..persons import repository as persons_repo
 from ..persons import service as person_service
-from ..runner import Hooks, run_worker
+from ..runner import Hooks, describe_settings, run_worker
 from ..store import repository as repo
 from ..store.models import User
 from ..store.repository import NotFound
@@ -327,6 +327,7 @@ def main(stop: threading.Event, argv: list[str] | None = None) -> int:
         parser.add_argument("--min-faces", type=int, default=settings.min_cluster_size,
                             help="faces that make a new person (default: FACECLUSTER_MIN_CLUSTER_SIZE, %(default)s, "
                             "the batch job's)")
+        describe_settings(parser)
 
     settings = Settings()
     args = worker_args("python -m services.cluster_worker", __doc__.split("\n\n")[0], GROUP,

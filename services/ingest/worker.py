@@ -32,7 +32,7 @@ from facecore.types import PhotoResult
 from .. import bus as busmod
 from ..bus import Bus, Message, dead_letter, retry, worker_args
 from ..publish import read_object
-from ..runner import Hooks, run_worker
+from ..runner import Hooks, describe_settings, run_worker
 from ..store import repository as repo
 
 log = logging.getLogger("facecluster.ingest")
@@ -201,7 +201,7 @@ class IngestWorker:
 def main(stop: threading.Event, argv: list[str] | None = None) -> int:
     """``stop`` is set by SIGTERM/SIGINT; ``__main__`` installs that before importing this module."""
     args = worker_args("python -m services.ingest", __doc__.split("\n\n")[0], GROUP,
-                       "consumer group (workers of one group share the work)", argv)
+                       "consumer group (workers of one group share the work)", argv, describe_settings)
     settings = Settings()
 
     def build(bus: Bus, sessions: sessionmaker[Session], resources: ExitStack):
