@@ -25,6 +25,9 @@ Messages are JSON objects in UTF-8, keyed by the user name:
                      "key": str | null, "value": str}``
     A message that could not be handled (malformed, or a photo that cannot be indexed), with
     where it came from and its raw value, for inspection and replay.
+``recluster.requested``  ``{"user": str}``
+    Re-cluster this user's faces from scratch (``facecluster recluster --all --enqueue``; the
+    recluster worker, ``services/recluster.py``).
 
 Unknown extra fields are allowed (older workers keep reading newer producers). Messages are
 validated on write and again on read: a consumer gets a malformed message as a ``Message`` with
@@ -64,7 +67,8 @@ log = logging.getLogger(__name__)
 UPLOADED = "photo.uploaded"
 INDEXED = "faces.indexed"
 DEAD = "photo.dead"
-TOPICS = (UPLOADED, INDEXED, DEAD)
+RECLUSTER = "recluster.requested"
+TOPICS = (UPLOADED, INDEXED, DEAD, RECLUSTER)
 PARTITIONS = 4
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -152,8 +156,12 @@ def _validate_dead(value: dict) -> None:
         raise InvalidMessage("'value' must be a string")
 
 
+def _validate_recluster(value: dict) -> None:
+    _check_str(value, "user", 255)
+
+
 _VALIDATORS: dict[str, Callable[[dict], None]] = {
-    UPLOADED: _validate_uploaded, INDEXED: _validate_indexed, DEAD: _validate_dead}
+    UPLOADED: _validate_uploaded, INDEXED: _validate_indexed, DEAD: _validate_dead, RECLUSTER: _validate_recluster}
 
 
 def validate(topic: str, value: Any) -> None:

@@ -131,6 +131,58 @@ def cmd_cluster(args, settings: Settings | None = None):
     return s, sessions
 
 
+def cmd_recluster(args):
+    """Re-cluster one user or every user through the rules layer, in process or through the bus."""
+    import json
+
+    from .bus import RECLUSTER, MemoryBus, connect
+    from .recluster import plans_json, recluster_users, user_names
+    from .store.repository import NotFound
+
+    settings = _settings(args)
+    sessions = _sessions(settings)
+    names = user_names(sessions) if args.all else [settings.default_user]
+    if args.enqueue:
+        if args.dry_run or args.out:
+            raise SystemExit("--enqueue sends the users to the recluster workers: --dry-run and --out do not apply")
+        if args.bus:
+            settings = settings.model_copy(update={"bus_url": args.bus})
+        bus = connect(settings.bus_url)
+        if isinstance(bus, MemoryBus):
+            raise SystemExit(f"--enqueue needs a shared bus such as kafka://host:port (--bus or "
+                             f"FACECLUSTER_BUS_URL); {settings.bus_url} only lives inside one process")
+        try:
+            bus.ensure_topics()
+            for start in range(0, len(names), 1000):
+                bus.publish(RECLUSTER, [(name, {"user": name}) for name in names[start:start + 1000]])
+        finally:
+            bus.close()
+        print(f"enqueued {len(names)} users on {RECLUSTER}")
+        return len(names)
+    if not args.all and not names[0]:
+        raise SystemExit("no user given")
+
+    def show(plan) -> None:
+        if not plan.empty:
+            bar.write(plan.line())
+        bar.update()
+
+    with tqdm(total=len(names), desc="re-clustering", unit="user", disable=None, dynamic_ncols=True) as bar:
+        summary, plans = recluster_users(sessions, names, dry_run=args.dry_run, max_distance=settings.cluster_threshold,
+                                         min_size=settings.min_cluster_size, on_plan=show)
+    if not args.all and summary.missing_users:
+        raise SystemExit(f"no user {names[0]!r}")
+    if args.dry_run:
+        for plan in plans:
+            if not plan.empty:
+                print(json.dumps(plan.as_dict(), default=str))
+    print(("dry run, nothing written: " if args.dry_run else "") + summary.line(args.dry_run))
+    if args.out:
+        Path(args.out).write_text(plans_json(summary, plans, dry_run=args.dry_run))
+        print(f"plan written to {args.out}")
+    return summary
+
+
 def cmd_export(args):
     from .store import repository as repo
 
@@ -414,6 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("cluster", help="group the user's faces into persons (keeps user-named persons)")
     common(sp)
     sp.set_defaults(func=cmd_cluster)
+
+    sp = sub.add_parser("recluster", help="re-cluster one user or all from scratch, keeping person ids, names "
+                                          "and every correction (--dry-run: only show what would change)")
+    who = sp.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="this user")
+    who.add_argument("--all", action="store_true", help="every user")
+    sp.add_argument("--dry-run", action="store_true", help="compute and print the changes, write nothing")
+    sp.add_argument("--out", metavar="CHANGES.json", help="write the changes (or those a dry run would make) as JSON")
+    sp.add_argument("--enqueue", action="store_true",
+                    help="instead of re-clustering here, publish one recluster.requested event per user for the "
+                         "recluster workers (python -m services.recluster_worker)")
+    sp.add_argument("--bus", help="bus URL for --enqueue (default: FACECLUSTER_BUS_URL), e.g. kafka://host:9092")
+    sp.add_argument("--db", help="database URL (default: FACECLUSTER_DATABASE_URL or sqlite:///facecluster.db)")
+    sp.add_argument("--config", type=Path, help="TOML settings file")
+    sp.set_defaults(func=cmd_recluster)
 
     sp = sub.add_parser("export", help="write every face with its box, scores and person to CSV")
     sp.add_argument("--out", required=True)

@@ -1,0 +1,1 @@
+"""Recluster worker: ``python -m services.recluster_worker`` (see worker.py)."""
