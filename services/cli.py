@@ -416,6 +416,30 @@ def cmd_verify(args):
           f"flip TTA {'on' if flip else 'off'}, {time.perf_counter() - t0:.1f}s)")
 
 
+def cmd_models_check(args):
+    """Every registered model file against its pinned sha256 (the image build runs this)."""
+    from facecore.models import REGISTRY, ModelIntegrityError, sha256_file
+
+    unknown = set(args.skip) - REGISTRY.keys()
+    if unknown:
+        raise SystemExit(f"--skip: no such model: {', '.join(sorted(unknown))} (registered: {', '.join(REGISTRY)})")
+    bad = 0
+    for m in REGISTRY.values():
+        if m.name in args.skip:
+            print(f"skipped  {m.name}")
+            continue
+        try:
+            path = m.path()
+            got = sha256_file(path) if path.is_file() else None
+        except ModelIntegrityError as e:
+            path, got = e, None
+        ok = got == m.sha256
+        bad += not ok
+        print(f"{'ok' if ok else 'FAILED':8} {m.name} {path}" + ("" if ok else f": sha256 {got}, pinned {m.sha256}"))
+    if bad:
+        raise SystemExit(f"{bad} model file(s) missing or not the pinned file")
+
+
 def cmd_run(args):
     from .report import write_report
 
@@ -562,6 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
     # cloud path: upload into the object store + photo.uploaded events (services/publish.py)
     from .publish import add_parser as add_publish_parser
     add_publish_parser(sub)
+
+    sp = sub.add_parser("models", help="the model files this install uses")
+    actions = sp.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("check", help="verify every registered model file against its pinned sha256 (exit 1 if any "
+                                         "is missing or differs)")
+    a.add_argument("--skip", metavar="NAME", action="append", default=[],
+                   help="a model this install leaves out on purpose, e.g. w600k-mbf (repeatable)")
+    a.set_defaults(func=cmd_models_check)
 
     sp = sub.add_parser("reembed", help="after a change of embedder: embed the stored faces again from the "
                                         "object store, in place (names and links stay), and re-cluster")
