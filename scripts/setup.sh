@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with the locked dependencies. Usage: scripts/setup.sh [EXTRA ...]
-# With no extras it installs what the service and the demo need (no torch).
+# With no extras it installs what the service and the demo need (no torch). The extra "cpu"
+# (ONNX Runtime and faiss for the CPU) is added unless "gpu" is asked for: the two install the
+# same modules and never share an environment (pyproject.toml, [tool.uv] conflicts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,15 @@ fi
 UV=$(command -v uv 2>/dev/null || echo "$HOME/.local/bin/uv")
 [ -x "$UV" ] || UV=$(python3 -c 'import sysconfig,os;print(os.path.join(sysconfig.get_path("scripts"),"uv"))')
 
-args=(sync --frozen --inexact)
-for extra in "$@"; do args+=(--extra "$extra"); done
+args=(sync --frozen)
+runtime=cpu
+for extra in "$@"; do
+  args+=(--extra "$extra")
+  if [ "$extra" = gpu ]; then runtime=; fi
+done
+if [ -n "$runtime" ]; then
+  args+=(--inexact --extra "$runtime")
+fi
+# with "gpu" the sync is exact: a venv that had the CPU wheels must lose them, or they
+# would shadow the GPU ones
 "$UV" "${args[@]}" >&2
