@@ -24,7 +24,8 @@ import onnx
 from onnx import TensorProto, helper, shape_inference
 
 from .attributes import EMBEDDING
-from .models import IncompatibleEmbedderError, InferenceModel, make_batch_dynamic, resolve
+from .models import (ACCELERATOR_BATCH, AcceleratorOptions, IncompatibleEmbedderError, InferenceModel,
+                     make_batch_dynamic, resolve)
 
 POOLED = "avgpool:"  # prefix of a feature name: "avgpool:<layer>" = that layer, average-pooled
 
@@ -87,7 +88,8 @@ class EmbeddingHead(InferenceModel):
     """
 
     def __init__(self, name_or_path: str | os.PathLike, base_version: str, *,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 1):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 1,
+                 accelerator: AcceleratorOptions | None = None):
         path, version = resolve(str(name_or_path))
         model = onnx.load(str(path))
         meta = {p.key: p.value for p in model.metadata_props}
@@ -103,20 +105,22 @@ class EmbeddingHead(InferenceModel):
                              f"and at most one {POOLED}<layer>")
         self.pool_layer = layers[0] if layers else None
         self.dim = int(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
-        super().__init__(model, providers=providers, threads=threads, version=version)
+        super().__init__(model, providers=providers, threads=threads, version=version, accelerator=accelerator)
 
     def apply(self, vectors: dict[str, np.ndarray]) -> np.ndarray:
         """Inputs by what they are (``self.inputs``) -> (n, dim) L2-normalised embeddings."""
         feeds = {name: np.ascontiguousarray(vectors[what], dtype=np.float32)
                  for name, what in zip(self.input_names, self.inputs)}
-        return l2_normalize(self.session.run(self.output_names[:1], feeds)[0])
+        return l2_normalize(self.run(feeds, self.output_names[:1])[0])
 
 
 # Faces per embedder run. On a CPU small runs are as fast per face as large ones (SFace on
 # OpenVINO, 2 threads: 7.4 ms/face at 8, 7.6 at 64) and hold an eighth of the activation
-# memory (~5 MB a face); an accelerator wants whole batches.
+# memory (~5 MB a face); an accelerator wants whole batches: the faces of all photos of a
+# pipeline batch go in large runs, ACCELERATOR_BATCH (256) by default, set by
+# FACECLUSTER_ACCELERATOR_BATCH (Settings.accelerator_batch), which the TensorRT engine's
+# shape profile is built for too.
 CPU_BATCH = 8
-ACCELERATOR_BATCH = 64
 
 
 class Embedder(InferenceModel):
@@ -131,11 +135,13 @@ class Embedder(InferenceModel):
 
     def __init__(self, name_or_path: str = "sface", *, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int = 0, flip_tta: bool = True, backend: str = "onnxruntime",
-                 pool_layer: str | None = None, head: str | os.PathLike | None = None, precision: str = "auto"):
+                 pool_layer: str | None = None, head: str | os.PathLike | None = None, precision: str = "auto",
+                 accelerator: AcceleratorOptions | None = None):
         path, self.base_version = resolve(name_or_path)
         model = make_batch_dynamic(onnx.load(str(path)))
         self.in_graph_norm = _normalises_inside(model)
-        self.head = EmbeddingHead(head, self.base_version, providers=providers, threads=1) if head else None
+        self.head = (EmbeddingHead(head, self.base_version, providers=providers, threads=1, accelerator=accelerator)
+                     if head else None)
         if self.head and self.head.pool_layer and pool_layer not in (None, self.head.pool_layer):
             raise ValueError(f"the embedding head reads {POOLED}{self.head.pool_layer}, {POOLED}{pool_layer} was "
                              "asked for; the embedder hands out one pooled layer")
@@ -145,7 +151,7 @@ class Embedder(InferenceModel):
             model, _ = add_pooled_output(model, self.pool_layer)
         super().__init__(model, providers=providers, threads=threads,
                          version=embedder_version(name_or_path, flip_tta, head or ""), backend=backend,
-                         precision=precision)
+                         precision=precision, accelerator=accelerator)
         self.flip_tta = flip_tta
 
     @property
@@ -161,7 +167,9 @@ class Embedder(InferenceModel):
 
     @property
     def batch_size(self) -> int:
-        return ACCELERATOR_BATCH if self.on_accelerator else CPU_BATCH
+        if not self.on_accelerator:
+            return CPU_BATCH
+        return self.accelerator.max_batch if self.accelerator else ACCELERATOR_BATCH
 
     def embed(self, crops: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """(n, 112, 112, 3) uint8 RGB crops -> (n, dim) L2-normalised float32; ``batch_size``

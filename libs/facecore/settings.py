@@ -73,6 +73,16 @@ class Settings(FaceclusterSettings):
     batch_size: int = 32
     batches_in_flight: int = Field(3, description="batches the index job runs through the models at once; "
                                    "more than 1 lets one batch's pre/post-processing overlap another's inference")
+    # the GPU path (extra "gpu"; docs/ARCHITECTURE.md, "GPU path"): read when a TensorRT or CUDA
+    # provider is configured and present
+    trt_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "facecluster" / "tensorrt",
+                            description="directory of TensorRT's engine and timing caches; an engine is built "
+                            "once per model, GPU and TensorRT version (minutes) and loaded from here afterwards")
+    trt_fp16: bool = Field(True, description="let TensorRT run layers in float16")
+    trt_workspace_gb: float = Field(4.0, gt=0, description="TensorRT's builder workspace, GiB")
+    gpu_device: int = Field(0, ge=0, description="CUDA device the TensorRT and CUDA providers run on")
+    accelerator_batch: int = Field(256, ge=1, description="faces per embedder run on an accelerator (on the "
+                                   "CPU it is 8), and the largest embedder batch the TensorRT engine is built for")
     embedder: str = Field("sface", description="registry name, or a path to an ArcFace-style ONNX file")
     flip_tta: bool = Field(False, description="embed each face and its mirror image when indexing (2x the "
                            "embedder's time; on LFW-dev it no longer helps clustering once landmark_tta is on)")
@@ -82,7 +92,10 @@ class Settings(FaceclusterSettings):
                                 "from training.metric_head (or a registry name); empty = none")
 
     # detection
-    min_face_size: int = 20
+    min_face_size: int = Field(20, gt=0, description="smallest face looked for, in pixels of the decoded photo")
+    min_face_fraction: float = Field(0.0, ge=0, lt=1, description="smallest face looked for as a fraction of the "
+                                     "photo's short side, where that is more than min_face_size; on big photos "
+                                     "it is most of the detector's speed (docs/BENCHMARKS.md)")
     det_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
     scale_factor: float = 0.709
     landmark_tta: bool = Field(True, description="average O-Net's landmarks of each face and of its mirror image")
