@@ -91,3 +91,28 @@ def test_cluster_worker_cut_follows_the_model_unless_one_is_set():
     calibrated = ClusterWorker(None, None, threading.Event())
     assert calibrated.cut("w600k-mbf") == 0.66 and calibrated.cut("sface-2021dec+flip") == fc.DEFAULT_DISTANCE
     assert ClusterWorker(None, None, threading.Event(), max_distance=0.5).cut("w600k-mbf") == 0.5
+
+
+def test_knn_on_the_cpu_where_faiss_has_no_gpu(caplog):
+    """The CPU branch of the GPU path's kNN (faiss-cpu here; faiss-gpu-cu12 has the same module):
+    above the GPU threshold it still builds a CPU index and finds the exact neighbours."""
+    import faiss
+    import pytest
+
+    cl = fc
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("faiss sees a GPU here")
+    cl._gpu_resources.cache_clear()
+    with caplog.at_level("INFO", logger="facecore.cluster"):
+        index = cl.flat_ip_index(16, cl.GPU_KNN_MIN_FACES)
+    assert type(index) is faiss.IndexFlatIP
+    assert any("faiss kNN runs on the CPU" in r.message for r in caplog.records)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(cl.GPU_KNN_MIN_FACES + 10, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims, idx = knn(x, 5)
+    probe = rng.choice(len(x), 20, replace=False)
+    full = x[probe] @ x.T
+    full[np.arange(20), probe] = -np.inf  # self excluded
+    np.testing.assert_array_equal(idx[probe], np.argsort(-full, axis=1)[:, :5])
+    np.testing.assert_allclose(sims[probe], np.sort(full, axis=1)[:, ::-1][:, :5], rtol=1e-5, atol=1e-5)

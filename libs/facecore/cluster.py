@@ -48,13 +48,40 @@ def calibrated_distance(model_version: str) -> float:
     return CALIBRATED_DISTANCE.get(base, DEFAULT_DISTANCE)
 
 
+# Faces from which the kNN search moves to the GPU where faiss has one (the extra "gpu" installs
+# faiss-gpu-cu12, the same ``faiss`` module): below it, copying to the device costs more than
+# the CPU's exact search. A guess until benchmarks/gpu.sh has measured both on a GPU.
+GPU_KNN_MIN_FACES = 4096
+
+
+@lru_cache(maxsize=None)
+def _gpu_resources():
+    """faiss's GPU resources (streams, cuBLAS handles, scratch memory): one set per process.
+    None where faiss has no GPU (faiss-cpu, or no device)."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        log.info("faiss kNN runs on the CPU (%s)", "no GPU visible" if hasattr(faiss, "StandardGpuResources")
+                 else "faiss-cpu")
+        return None
+    log.info("faiss kNN runs on the GPU from %d faces (%d GPUs visible)", GPU_KNN_MIN_FACES, faiss.get_num_gpus())
+    return faiss.StandardGpuResources()
+
+
+def flat_ip_index(dim: int, n: int = 0):
+    """An exact inner-product index: on GPU 0 when faiss has a GPU and ``n`` reaches
+    GPU_KNN_MIN_FACES, else on the CPU."""
+    index = faiss.IndexFlatIP(dim)
+    res = _gpu_resources() if n >= GPU_KNN_MIN_FACES else None
+    return faiss.index_cpu_to_gpu(res, 0, index) if res is not None else index
+
+
 def knn(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product kNN of L2-normalised rows: (similarities, indices), self excluded."""
     n = len(x)
     k = min(k + 1, n)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(np.ascontiguousarray(x, dtype=np.float32))
-    sims, idx = index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    index = flat_ip_index(x.shape[1], n)
+    index.add(x)
+    sims, idx = index.search(x, k)
     return sims[:, 1:], idx[:, 1:]
 
 
