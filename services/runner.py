@@ -100,8 +100,8 @@ def refusal(missing: list[str]) -> str:
     names = " and ".join(env_name(n) for n in missing)
     return "\n".join([
         f"refusing to start: {names} {'was' if len(missing) == 1 else 'were'} not given.",
-        "A worker serves a deployment; without them it would use ./facecluster.db and an in-process bus",
-        "that no other process can reach. Set them in the environment or in the TOML file named by",
+        "A worker serves a deployment; left to the defaults it would use ./facecluster.db and an in-process",
+        "bus that no other process can reach. Set both in the environment or in the TOML file named by",
         "FACECLUSTER_CONFIG, e.g.",
         *(f"  {env_name(n)}={EXAMPLES[n]}" for n in REQUIRED),
         "(`--help` lists every setting.)",
