@@ -1,6 +1,6 @@
 """Milliseconds per photo for detection (MTCNN) and embedding (SFace) at batch sizes 1 to 256,
-on each ONNX Runtime provider asked for: TensorRT (float16, engine cache on disk), CUDA, and
-the CPU for reference. Run by benchmarks/gpu.sh on a machine with an NVIDIA GPU.
+on each ONNX Runtime provider asked for: TensorRT (SFace in float16, MTCNN in float32 as the
+detector asks; engine cache on disk), CUDA, and the CPU for reference. Run by benchmarks/gpu.sh on a machine with an NVIDIA GPU.
 
 Photos: the first --photos of LFW-dev (sorted by name), decoded once. Detection at batch b:
 ``MTCNN.detect`` on b photos at a time, over all the photos. Embedding at batch b: the aligned
@@ -42,7 +42,7 @@ from score import DEFAULT_DATA
 
 START, END = "<!-- gpu-batches:start -->", "<!-- gpu-batches:end -->"
 ACCELERATORS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-SHORT = {"TensorrtExecutionProvider": "TensorRT fp16", "CUDAExecutionProvider": "CUDA",
+SHORT = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUDA",
          "CPUExecutionProvider": "CPU"}
 
 

@@ -159,3 +159,17 @@ def test_a_shape_outside_the_engine_profile_runs_on_a_second_session(caplog):
     assert any("outside the TensorRT engine's profile" in r.message for r in caplog.records)
     for a, b in zip(want, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_float32_models_get_a_float32_engine(monkeypatch, tmp_path):
+    """The detector asks for float32 (its landmarks decide every crop): TensorRT must not
+    build its engines in float16 even with trt_fp16 on. Checked on the options the model
+    would hand a GPU build; the session itself runs on the CPU here."""
+    seen = []
+    real = models.provider_options
+    monkeypatch.setattr(models.ort, "get_available_providers", lambda: ALL)
+    monkeypatch.setattr(models, "provider_options", lambda p, o, *a, **k: seen.append(o) or real([CPU], o, *a, **k))
+    o = AcceleratorOptions(cache_dir=tmp_path / "trt", fp16=True)
+    models.InferenceModel(mtcnn_graph("onet"), providers=ALL, threads=1, precision="f32", accelerator=o)
+    models.InferenceModel(mtcnn_graph("onet"), providers=ALL, threads=1, accelerator=o)
+    assert [x.fp16 for x in seen] == [False, True]

@@ -6,6 +6,7 @@ never get compared. Files come from installed packages (no hub downloads).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -393,8 +394,8 @@ class InferenceModel:
 
     On ONNX Runtime, the TensorRT and CUDA providers are set up by ``accelerator`` (default:
     ``AcceleratorOptions.from_settings()``, the environment and config file): TensorRT with
-    float16 and its engines cached on disk, built for the input shapes ``input_profile``
-    gives. One line in the log says which provider runs the model, and why not the first
+    float16 (unless ``precision`` is "f32", as the detector's is) and its engines cached on
+    disk, built for the input shapes ``input_profile`` gives. One line in the log says which provider runs the model, and why not the first
     configured one (a WARNING then).
     """
 
@@ -431,6 +432,10 @@ class InferenceModel:
             _warn_missing(tuple(missing), tuple(chosen))
         if any(p in ACCELERATORS for p in chosen):
             self.accelerator = accelerator or AcceleratorOptions.from_settings()
+            if precision == "f32" and self.accelerator.fp16:
+                # the detector asks for float32 (its landmarks decide every crop), so TensorRT
+                # builds its engines in float32 whatever trt_fp16 says
+                self.accelerator = dataclasses.replace(self.accelerator, fp16=False)
             _prepare_gpu_runtime(TENSORRT in chosen)
             if TENSORRT in chosen:
                 self.accelerator.cache_dir.mkdir(parents=True, exist_ok=True)
