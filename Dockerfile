@@ -29,8 +29,10 @@ RUN .venv/bin/facecluster models check --skip w600k-mbf
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 facecluster \
- && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin facecluster
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/facecluster --shell /usr/sbin/nologin facecluster
 WORKDIR /app
+# Owned by root, read-only to the user that runs it; its home is the one writable place
+# (caches of the libraries).
 COPY --from=build /app /app
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
