@@ -132,6 +132,9 @@ def test_gpu_overlay_runs_the_models_on_a_gpu(rendered):
         assert c.spec["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert c.pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in c.pod["tolerations"]
+        trt_cache = find(docs, "ConfigMap", "facecluster-config")["data"]["FACECLUSTER_TRT_CACHE"]
+        assert any(m["mountPath"] == trt_cache and not m.get("readOnly") for m in c.spec["volumeMounts"]), \
+            f"{name}: TensorRT's engine cache {trt_cache} is on no writable volume"
     others = [c for c in containers(docs) if c.workload not in ("Deployment/facecluster-ingest", "Job/facecluster-reembed")]
     assert others and all(c.spec["image"] == "facecluster:cpu" for c in others)
     providers = json.loads(find(docs, "ConfigMap", "facecluster-config")["data"]["FACECLUSTER_PROVIDERS"])
