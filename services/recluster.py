@@ -22,10 +22,12 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import faiss
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,6 +43,10 @@ from .store.repository import NotFound
 log = logging.getLogger(__name__)
 
 RACES = 3  # tries per user while a concurrent writer (the cluster worker) collides with it
+# Below this many faces the clustering's kNN runs on one thread: starting faiss's OpenMP team for
+# a handful of vectors cost more than the whole search (100 -> 34 ms per 5-face user on a busy
+# 2-core machine, docs/BENCHMARKS.md), and a population of small users is the common case.
+ONE_THREAD_FACES = 2000
 
 # What the plan reports of a person besides its faces.
 _FIELDS = ("name", "hidden", "favorite", "user_confirmed", "cover_face_id")
@@ -172,6 +178,20 @@ def _diff(user: str, before: _State, after: _State, *, provisional: bool) -> Pla
 # ------------------------------------------------------------------------------ one user
 
 
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """faiss's OpenMP threads set to ``n`` (None: left alone) for the block."""
+    if n is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def _recluster_once(sessions: sessionmaker[Session], user_name: str, *, dry_run: bool, max_distance: float,
                     min_size: int) -> Plan:
     t0 = time.perf_counter()
@@ -185,7 +205,8 @@ def _recluster_once(sessions: sessionmaker[Session], user_name: str, *, dry_run:
         face_ids, x = repo.user_embeddings(session, user.id, model_version=version)
         if version is not None:  # None: the user has no embedded face, so nothing to cluster
             cut = max_distance or calibrated_distance(version)
-            recluster(session, user.id, face_ids, x, cut, min_size=min_size)
+            with _threads(1 if len(face_ids) < ONE_THREAD_FACES else None):
+                recluster(session, user.id, face_ids, x, cut, min_size=min_size)
         plan = _diff(user_name, before, _state(session, user.id), provisional=dry_run)
         plan.faces, plan.model_version = len(face_ids), version
         if dry_run or plan.empty:

@@ -34,7 +34,7 @@ from facecore.settings import Settings
 from .. import bus as busmod
 from ..bus import Bus, BusUnavailable, Message, dead_letter, retry, worker_args
 from ..recluster import recluster_user
-from ..runner import Hooks, run_worker
+from ..runner import Hooks, describe_settings, run_worker
 from ..store.repository import NotFound
 
 log = logging.getLogger("facecluster.recluster_worker")
@@ -97,6 +97,7 @@ def main(stop: threading.Event, argv: list[str] | None = None) -> int:
         parser.add_argument("--exit-when-idle", type=float, metavar="SECONDS",
                             help="exit 0 after SECONDS with nothing to consume and nothing left to the group "
                                  "(a batch Job); default: run until stopped")
+        describe_settings(parser)
 
     settings = Settings()
     args = worker_args("python -m services.recluster_worker", __doc__.split("\n\n")[0], GROUP,
