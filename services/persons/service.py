@@ -36,6 +36,9 @@ __all__ = ["NotFound", "Refused", "NothingToUndo", "apply_clustering", "merge", 
            "suggestions", "uncertain_faces"]
 
 UNSET = object()
+# Above this many (cluster, person) cells a group of overlapping clusters and persons is matched
+# largest overlap first instead of exactly (the exact assignment costs O(n^3)).
+MATCH_CELLS = 1_000_000
 
 
 class Refused(ValueError):
@@ -235,13 +238,62 @@ def edits(session: Session, user_id: int, limit: int = 20) -> list[PersonEdit]:
 # ------------------------------------------------------------------------------ clustering
 
 
+def _best_matching(overlap: Mapping[tuple[int, int], int]) -> dict[int, int]:
+    """label -> person, at most one each way, keeping the most faces in their person: the
+    assignment of largest total overlap (the Hungarian method, per group of labels and persons
+    connected by overlaps), ties to older persons. Greedy (largest overlap first) can lose:
+    cluster X = 5 faces of person P + 4 of Q, cluster Y = the other 4 of P; greedy gives X to P
+    and empties Q (8 faces change person), the best assignment gives X to Q and Y to P (5)."""
+    from scipy.optimize import linear_sum_assignment
+
+    parent: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def root(node):
+        parent.setdefault(node, node)
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for label, person_id in overlap:
+        parent[root(("l", label))] = root(("p", person_id))
+    groups: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for pair in overlap:
+        groups.setdefault(root(("l", pair[0])), []).append(pair)
+    chosen: dict[int, int] = {}
+    for pairs in groups.values():
+        labels = sorted({label for label, _ in pairs})
+        persons = sorted({person_id for _, person_id in pairs})
+        if len(pairs) == 1:
+            chosen[labels[0]] = persons[0]
+            continue
+        if len(labels) * len(persons) > MATCH_CELLS:  # too big to solve exactly: largest overlap first
+            taken: set[int] = set()
+            for label, person_id in sorted(pairs, key=lambda pair: (-overlap[pair], pair[1], pair[0])):
+                if label not in chosen and person_id not in taken:
+                    chosen[label] = person_id
+                    taken.add(person_id)
+            continue
+        row = {label: i for i, label in enumerate(labels)}
+        col = {person_id: j for j, person_id in enumerate(persons)}
+        # Overlaps scaled so that the tie-breaks (older persons weigh more) add up to less than one face.
+        scale = len(labels) * len(persons) + 1
+        weight = np.zeros((len(labels), len(persons)))
+        for label, person_id in pairs:
+            weight[row[label], col[person_id]] = overlap[label, person_id] * scale + len(persons) - col[person_id]
+        rows, cols = linear_sum_assignment(weight, maximize=True)
+        chosen.update({labels[i]: persons[j] for i, j in zip(rows, cols) if weight[i, j] > 0})
+    return chosen
+
+
 def apply_clustering(session: Session, user_id: int, labels: Mapping[int, int]) -> dict[int, int]:
     """Replace the user's automatic links with a new clustering (face id -> label; negative or
     missing = in no person). Returns label -> person id for every label that got a person.
 
-    Each cluster takes over the existing person it shares the most faces with (user and auto
-    links counted; one person per cluster, largest overlap first, ties to the older person), so
-    ids, names and flags stay while most faces stay together; other clusters get new persons.
+    Clusters take over existing persons by the faces they share (user and auto links counted;
+    one person per cluster): the assignment that keeps the most faces in the person they were in
+    (``_best_matching``), ties to older persons, so ids, names and flags stay while most faces
+    stay together; other clusters get new persons.
     A person the user confirmed (merged, split) takes every cluster whose faces are mostly its
     own: the user said those faces are one person, even where the embedder sees two clusters.
     'user' links are never touched, and no face goes into a person it was rejected from.
@@ -256,14 +308,10 @@ def apply_clustering(session: Session, user_id: int, labels: Mapping[int, int]) 
     for label, person_id in ranked:
         mostly.setdefault(label, person_id)
     confirmed = repo.confirmed_persons(session, user_id, set(mostly.values()))
-    person_of: dict[int, int] = {}
-    taken: set[int] = set()
-    for label, person_id in ranked:
-        if label in person_of:
-            continue
-        if person_id not in taken or (person_id in confirmed and mostly[label] == person_id):
-            person_of[label] = person_id
-            taken.add(person_id)
+    person_of = {label: person_id for label, person_id in mostly.items() if person_id in confirmed}
+    taken = set(person_of.values())
+    person_of.update(_best_matching({pair: n for pair, n in overlap.items()
+                                     if pair[0] not in person_of and pair[1] not in taken}))
 
     placed = {f: label for f, label in labels.items() if label >= 0 and links.get(f, (None, "auto"))[1] == "auto"}
     new_labels = sorted(set(placed.values()) - person_of.keys())

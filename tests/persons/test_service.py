@@ -166,3 +166,38 @@ def test_merge_refuses_itself_and_another_users_person(session, lib, tmp_path):
         person_service.merge(session, lib.user_id, lib.person_of[0], [lib.person_of[1], bob.person_of[0]])
     session.rollback()
     assert state(session, lib.user_id) == before
+
+
+def test_reclustering_keeps_the_most_faces_in_their_person_where_largest_overlap_first_would_not(session, tmp_path):
+    """Al has 9 faces, Bob 4. The embedder now sees 5 of Al's with Bob's 4 (cluster X) and Al's
+    other 4 apart (Y). Largest overlap first would give X to Al, make Y a new person and leave Bob
+    empty: 8 faces change person. The best assignment (Hungarian) gives X to Bob and Y to Al:
+    4 + 4 faces stay where they were, only 5 move, and no person is made or left empty."""
+    lib = seed_library(session, "dan", tmp_path / "photos", persons=2, faces_per_person=9, seed=9)
+    al_faces, bob_pool = [f for f, p in lib.truth.items() if p == 0], [f for f, p in lib.truth.items() if p == 1]
+    bob_faces = bob_pool[:4]
+    old = person_service.apply_clustering(session, lib.user_id, {**dict.fromkeys(al_faces, 0),
+                                                                 **dict.fromkeys(bob_faces, 1),
+                                                                 **dict.fromkeys(bob_pool[4:], -1)})
+    al, bob = old[0], old[1]
+    person_service.update_person(session, lib.user_id, al, name="Al")
+    person_service.update_person(session, lib.user_id, bob, name="Bob")
+    session.commit()
+    x, y = al_faces[:5] + bob_faces, al_faces[5:]
+    made = person_service.apply_clustering(session, lib.user_id, {**dict.fromkeys(x, 7), **dict.fromkeys(y, 8)})
+    session.commit()
+    assert made == {7: bob, 8: al}
+    links = persons_repo.face_links(session, lib.user_id)
+    assert {f for f, p in links.items() if p == bob} == set(x)
+    assert {f for f, p in links.items() if p == al} == set(y)
+    assert set(links.values()) == {al, bob}
+    assert_counts_true(session, lib.user_id)
+
+
+def test_equal_overlaps_go_to_the_older_person(session, lib):
+    """A cluster holding two persons' faces in equal numbers keeps the older one's id."""
+    p0, p1 = lib.person_of[0], lib.person_of[1]
+    both = [f for f, p in lib.truth.items() if p in (0, 1)]
+    made = person_service.apply_clustering(session, lib.user_id, {f: 0 for f in both})
+    assert made[0] == min(p0, p1)
+    assert_counts_true(session, lib.user_id)
