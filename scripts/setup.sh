@@ -13,7 +13,9 @@ fi
 UV=$(command -v uv 2>/dev/null || echo "$HOME/.local/bin/uv")
 [ -x "$UV" ] || UV=$(python3 -c 'import sysconfig,os;print(os.path.join(sysconfig.get_path("scripts"),"uv"))')
 
-args=(sync --frozen)
+# Bytecode is compiled at install time: where PYTHONDONTWRITEBYTECODE is set, Python would
+# otherwise compile ~700 modules on every start (4 s of each `facecluster` command).
+args=(sync --frozen --compile-bytecode)
 runtime=cpu
 for extra in "$@"; do
   args+=(--extra "$extra")
@@ -25,3 +27,4 @@ fi
 # with "gpu" the sync is exact: a venv that had the CPU wheels must lose them, or they
 # would shadow the GPU ones
 "$UV" "${args[@]}" >&2
+.venv/bin/python -m compileall -q -j 0 libs services >/dev/null

@@ -103,3 +103,34 @@ def test_pooled_feature_is_the_layer_mean_and_leaves_embeddings_alone():
 
     with pytest.raises(ValueError, match="no 4-d tensor"):
         Embedder("sface", threads=1, pool_layer="no_such_layer")
+
+
+def test_openvino_compiles_through_its_cache_dir(tmp_path, monkeypatch):
+    """The compiled-model cache named by the settings is filled on the first compile and used
+    after; an empty setting means no cache."""
+    import joblib
+
+    from facecore.mtcnn_onnx import BUILDERS
+
+    path, version = models.resolve("mtcnn-onet")
+    graph = BUILDERS["onet"](joblib.load(path))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 48, 48)).astype(np.float32)
+    cache = tmp_path / "ov"
+    try:
+        monkeypatch.setenv("FACECLUSTER_OPENVINO_CACHE", str(cache))
+        models._openvino_core.cache_clear()
+        first = models.InferenceModel(graph, backend="openvino", precision="f32", threads=1, version=version)
+        blobs = sorted(cache.glob("*.blob"))
+        assert len(blobs) == 1
+        again = models.InferenceModel(graph, backend="openvino", precision="f32", threads=1, version=version)
+        assert sorted(cache.glob("*.blob")) == blobs  # loaded from the cache, not compiled into a new entry
+        for a, b in zip(first.predict(x), again.predict(x)):
+            np.testing.assert_array_equal(a, b)
+
+        monkeypatch.setenv("FACECLUSTER_OPENVINO_CACHE", "")
+        models._openvino_core.cache_clear()
+        assert models._openvino_core().get_property("CACHE_DIR") == ""
+        models.InferenceModel(graph, backend="openvino", precision="f32", threads=1, version=version)
+        assert sorted(cache.glob("*.blob")) == blobs
+    finally:
+        models._openvino_core.cache_clear()  # the next test's core reads its own settings

@@ -78,6 +78,9 @@ class Settings(FaceclusterSettings):
     trt_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "facecluster" / "tensorrt",
                             description="directory of TensorRT's engine and timing caches; an engine is built "
                             "once per model, GPU and TensorRT version (minutes) and loaded from here afterwards")
+    openvino_cache: str = Field(str(Path("~/.cache/facecluster/openvino")), description="directory where OpenVINO "
+                                "keeps the models it compiled for this CPU, so later starts skip most of the "
+                                "compiling (about 1 s); empty = no cache")
     trt_fp16: bool = Field(True, description="let TensorRT run layers in float16")
     trt_workspace_gb: float = Field(4.0, gt=0, description="TensorRT's builder workspace, GiB")
     gpu_device: int = Field(0, ge=0, description="CUDA device the TensorRT and CUDA providers run on")
@@ -93,7 +96,7 @@ class Settings(FaceclusterSettings):
 
     # detection
     min_face_size: int = Field(20, gt=0, description="smallest face looked for, in pixels of the decoded photo")
-    min_face_fraction: float = Field(0.0, ge=0, lt=1, description="smallest face looked for as a fraction of the "
+    min_face_fraction: float = Field(0.04, ge=0, lt=1, description="smallest face looked for as a fraction of the "
                                      "photo's short side, where that is more than min_face_size; on big photos "
                                      "it is most of the detector's speed (docs/BENCHMARKS.md)")
     det_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
