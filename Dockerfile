@@ -23,7 +23,7 @@ COPY libs libs
 COPY services services
 COPY training training
 # The project itself, in place: services/store/db.py finds the migrations next to it in /app.
-RUN uv sync --frozen --extra cpu
+RUN uv sync --frozen --compile-bytecode --extra cpu
 # w600k-mbf is opt-in (extra insightface-models, non-commercial licence): not in this image.
 RUN .venv/bin/facecluster models check --skip w600k-mbf
 
