@@ -137,7 +137,6 @@ def cmd_recluster(args):
 
     from .bus import RECLUSTER, MemoryBus, connect
     from .recluster import plans_json, recluster_users, user_names
-    from .store.repository import NotFound
 
     settings = _settings(args)
     sessions = _sessions(settings)
@@ -159,8 +158,6 @@ def cmd_recluster(args):
             bus.close()
         print(f"enqueued {len(names)} users on {RECLUSTER}")
         return len(names)
-    if not args.all and not names[0]:
-        raise SystemExit("no user given")
 
     def show(plan) -> None:
         if not plan.empty:
