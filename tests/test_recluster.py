@@ -357,3 +357,26 @@ def test_the_worker_reclusters_the_users_it_is_sent_and_exits_when_idle(tmp_path
             assert set(partition(session, s.user_id).values()) == {frozenset(s.faces_of(0)), frozenset(s.faces_of(1))}
     assert [m.value["reason"].startswith("malformed") for m in dead.poll(1.0)] == [True]
     engine.dispose()
+
+
+def test_an_idle_worker_waits_while_another_member_holds_uncommitted_events():
+    """--exit-when-idle: a member's own empty polls are not enough; it stays while the group's lag
+    is not 0 (a peer's batch in hand, or a killed peer's events waiting for their partitions)."""
+    from services.recluster_worker.worker import GROUP, ReclusterWorker
+
+    bus = busmod.connect(f"memory://{unique('idle')}")
+    bus.ensure_topics()
+    bus.publish(busmod.RECLUSTER, [("ann", {"user": "ann"})])
+    peer = bus.consumer(busmod.RECLUSTER, GROUP, max_records=10)
+    batch = peer.poll(1.0)
+    assert len(batch) == 1
+    stop = threading.Event()
+    worker = ReclusterWorker(bus, None, stop, GROUP, max_distance=0.0, min_size=2, exit_when_idle=0.0)
+    worker.idle()
+    assert not stop.is_set()  # the peer has not committed its batch
+    assert peer.commit(batch)
+    worker.idle()
+    assert stop.is_set()
+    never = ReclusterWorker(bus, None, threading.Event(), GROUP, max_distance=0.0, min_size=2)
+    never.idle()
+    assert not never.stop.is_set()  # without --exit-when-idle a worker runs until it is stopped
