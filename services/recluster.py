@@ -4,8 +4,9 @@
 recluster worker (``python -m services.recluster_worker``, fed by ``recluster.requested``). It
 clusters with the cluster job's own rule (``services.clustering.recluster``: the calibrated cut,
 ``min_cluster_size``) and files the result with ``persons.service.apply_clustering``, so person
-ids are kept by overlap and names, hidden flags, favourites, covers, the user's own links,
-merges, splits and "not this person" all survive; nothing here decides about persons itself.
+ids are kept by overlap (the assignment of clusters to persons that keeps the most faces where
+they were) and names, hidden flags, favourites, covers, the user's own links, merges, splits and
+"not this person" all survive; nothing here decides about persons itself.
 
 One user is one transaction, holding the user's edit lock (an edit by hand waits for it, and it
 for the edit). Before committing it compares the user's persons and links with what they were
