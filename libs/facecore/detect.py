@@ -26,8 +26,9 @@ R-Net run on one area-downscaled copy of the photo in which that face is
 ``PROPOSAL_FACE`` pixels (never upscaled); O-Net's crops, and so the boxes and
 landmarks returned, come from the photo itself. O-Net sees a 48 x 48 crop either way,
 and a face of ``PROPOSAL_FACE`` pixels still fills R-Net's 24 x 24 crop, so the copy
-costs the pyramid and P-Net pixels, not faces. On LFW's 250 px photos the copy is the
-photo and nothing changes.
+costs the pyramid and P-Net pixels, not faces. The copy's pyramid is built from
+halvings of it (``pyramid_levels``), which reads a third of the pixels. On LFW's 250 px
+photos the copy is the photo and nothing changes.
 
 Coordinates are continuous, pixel ``i`` spanning ``[i, i+1)``; a box is
 ``[x1, x2) x [y1, y2)``, so width is ``x2 - x1`` (the original's 1-based inclusive
@@ -73,6 +74,20 @@ def pyramid_scales(height: int, width: int, min_face_size: float = 20, scale_fac
         n += 1
         side *= scale_factor
     return m * scale_factor ** np.arange(n)
+
+
+def pyramid_levels(image: np.ndarray, shapes: Sequence[tuple[int, int]], octaves: bool = False) -> list[np.ndarray]:
+    """The levels, each area-resampled from ``image`` as the reference does; with ``octaves``
+    each from the smallest halving of ``image`` still at least twice its size, which reads a
+    fraction of the pixels on a big photo's copy (levels sorted largest first)."""
+    if not octaves:
+        return [cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA) for h, w in shapes]
+    levels, src = [], image
+    for h, w in shapes:
+        while src.shape[0] >= 4 * h and src.shape[1] >= 4 * w:
+            src = cv2.resize(src, (src.shape[1] // 2, src.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        levels.append(cv2.resize(src, (w, h), interpolation=cv2.INTER_AREA))
+    return levels
 
 
 def level_shape(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -394,7 +409,7 @@ class MTCNN:
             scales = pyramid_scales(*im.shape[:2], prop.min_face, self.scale_factor)
             shapes = [level_shape(*im.shape[:2], s) for s in scales]
             photo_tiles, photo_canvases = layout_tiles(shapes, self.max_pixels)
-            levels = [cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for h, w in shapes]
+            levels = pyramid_levels(im, shapes, octaves=prop.factor < 1)
             canvases += [(c, shape, len(tiles), photo_tiles, levels) for c, shape in enumerate(photo_canvases)]
             tiles += photo_tiles
             tile_photo += [p] * len(photo_tiles)
