@@ -24,6 +24,7 @@ Steps (each caches its outputs under --out):
     python benchmarks/quantize.py run --name all-bf16 pnet=bf16,rnet=bf16,onet=bf16,sface=bf16
     python benchmarks/quantize.py speed --threads 1 2 # ms per call per net and precision
     python benchmarks/quantize.py compare            # everything against fp32 -> report.json, lists
+    python benchmarks/quantize.py drift              # each net's outputs against fp32, fp16 also emulated
     python benchmarks/quantize.py tables             # the markdown tables of docs/QUANTISATION.md
 
 A variant is ``net=precision[,net=precision...]`` (nets pnet, rnet, onet, sface; unnamed nets
@@ -543,16 +544,18 @@ def speed(args) -> None:
         x = inputs[net]
         for threads in args.threads_list:
             row = {"net": net, "batch": list(x.shape), "threads": threads}
-            for prec in PRECISIONS:
-                m = OVNet(ov_model(net, prec, args.out / "models"), prec, threads)
+            models = {p: OVNet(ov_model(net, p, args.out / "models"), p, threads) for p in PRECISIONS}
+            times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+            for m in models.values():
                 for _ in range(3):
                     m.predict(x)
-                times = []
-                for _ in range(args.reps):
+            for _ in range(args.reps):  # interleaved, so a busy spell of the host hits every precision alike
+                for prec, m in models.items():
                     t = time.perf_counter()
                     m.predict(x)
-                    times.append(1000 * (time.perf_counter() - t))
-                row[prec] = round(statistics.median(times), 3)
+                    times[prec].append(1000 * (time.perf_counter() - t))
+            for prec, m in models.items():
+                row[prec] = round(statistics.median(times[prec]), 3)
                 row[f"{prec}_effective"] = m.effective
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -603,6 +606,94 @@ def tables(args) -> None:
             print(f"| {r['net']} {r['batch']} | {r['threads']} | " + " | ".join(f"{r[p]:.2f}" for p in PRECISIONS) + " |")
 
 
+def fp16_emulated(graph: bytes) -> bytes:
+    """The graph with half-precision storage and float32 arithmetic: float weights rounded to
+    float16, and every tensor rounded to float16 after each node (Cast pairs). This is what a
+    GPU's half precision does when it accumulates in float32 (tensor cores, TensorRT's default),
+    unlike the CPU's AVX512_FP16, which accumulates in float16."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load_from_string(graph)
+    for init in m.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            a = numpy_helper.to_array(init).astype(np.float16).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(a, init.name))
+    nodes = []
+    rename = {}
+
+    def rounded(name: str) -> str:
+        nodes.append(helper.make_node("Cast", [name], [name + "__h"], to=TensorProto.FLOAT16))
+        nodes.append(helper.make_node("Cast", [name + "__h"], [name + "__r"], to=TensorProto.FLOAT))
+        return name + "__r"
+
+    rename[m.graph.input[0].name] = rounded(m.graph.input[0].name)
+    outputs = {o.name for o in m.graph.output}
+    for node in m.graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        nodes.append(node)
+        for o in node.output:
+            if o not in outputs and node.op_type not in ("Shape", "Constant", "Reshape", "Flatten", "Transpose"):
+                rename[o] = rounded(o)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m.SerializeToString()
+
+
+def drift(args) -> None:
+    """Each net's outputs at every precision against fp32 on inputs the fp32 pipeline fed it on
+    --drift-photos photos of the evaluated folds; fp16 both as OpenVINO runs it on this CPU and
+    emulated (half storage, float32 arithmetic, on ONNX Runtime)."""
+    import onnxruntime as ort
+
+    from facecore.settings import load_settings
+    from services.indexing import find_photos
+
+    subset = fold_subset(args.data, args.folds, args.out / "data")
+    photos = find_photos(subset / "images")[::max(1, len(find_photos(subset / "images")) // args.drift_photos)]
+    pipe = build_pipeline(load_settings(threads=args.threads), parse_variant("fp32"), args.out / "models", args.threads)
+    seen: dict[str, list] = {n: [] for n in NETS}
+    for n in ("pnet", "rnet", "onet"):
+        setattr(pipe.detector, n, Recorder(getattr(pipe.detector, n), seen[n]))
+    real_predict = pipe.embedder.predict
+    pipe.embedder.predict = lambda b: (seen["sface"].extend(np.array(b[i:i + 1]) for i in range(len(b))),
+                                       real_predict(b))[1]
+    for i in range(0, len(photos), 32):
+        pipe.process([(p, subset / "images" / p) for p in photos[i:i + 32]])
+    pipe.close()
+    rng = np.random.default_rng(1)
+    report = {"photos": len(photos)}
+    for net in NETS:
+        xs = [seen[net][i] for i in sorted(rng.choice(len(seen[net]), min(200, len(seen[net])), replace=False))]
+        graph = onnx_graph(net, sface_pool_layer() if net == "sface" else None)
+        emu = ort.InferenceSession(fp16_emulated(graph), providers=["CPUExecutionProvider"])
+        runners = {p: OVNet(ov_model(net, p, args.out / "models"), p, args.threads).predict for p in PRECISIONS}
+        runners["fp16-emulated"] = lambda x, s=emu: s.run(None, {s.get_inputs()[0].name: x})
+        ref = [runners["fp32"](x) for x in xs]
+        row = {"samples": len(xs)}
+        for p, fn in runners.items():
+            if p == "fp32":
+                continue
+            got = [fn(x) for x in xs]
+            if net == "sface":
+                a = np.concatenate([r[0].reshape(1, -1) for r in ref])
+                b = np.concatenate([g[0].reshape(1, -1) for g in got])
+                cos = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+                row[p] = {"cosine_min": float(cos.min()), "cosine_median": float(np.median(cos))}
+            else:
+                # prob is the last output; O-Net landmarks (fractions of the crop) the second
+                dp = np.concatenate([np.abs(g[-1][:, 1] - r[-1][:, 1]).ravel() for g, r in zip(got, ref)])
+                ones = np.concatenate([(g[-1][:, 1] >= 1.0).ravel() for g in got])
+                row[p] = {"face_prob_absdiff_median": float(np.median(dp)), "face_prob_absdiff_max": float(dp.max()),
+                          "face_prob_exactly_1": float(ones.mean())}
+                if net == "onet":
+                    dl = np.concatenate([np.abs(g[1] - r[1]).ravel() for g, r in zip(got, ref)]) * 48
+                    row[p].update({"landmark_px48_median": float(np.median(dl)), "landmark_px48_max": float(dl.max())})
+        report[net] = row
+        print(net, json.dumps(row), flush=True)
+    (args.out / "drift.json").write_text(json.dumps(report, indent=1))
+
+
 def machine(args) -> None:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
@@ -615,7 +706,7 @@ def main() -> None:
     from score import DEFAULT_DATA
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["prepare", "run", "speed", "compare", "tables", "machine"])
+    ap.add_argument("step", choices=["prepare", "run", "speed", "compare", "tables", "drift", "machine"])
     ap.add_argument("variants", nargs="*", help="run: variants, e.g. fp32 pnet=int8 rnet=bf16,sface=bf16")
     ap.add_argument("--name", help="run: the run's name (one variant only)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -629,9 +720,10 @@ def main() -> None:
     ap.add_argument("--calib-photos", type=int, default=300)
     ap.add_argument("--calib-samples", type=int, default=300)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--drift-photos", type=int, default=100)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    {"prepare": prepare, "run": run, "speed": speed, "compare": compare, "tables": tables,
+    {"prepare": prepare, "run": run, "speed": speed, "compare": compare, "tables": tables, "drift": drift,
      "machine": machine}[args.step](args)
 
 
