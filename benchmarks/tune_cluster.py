@@ -14,7 +14,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from sklearn.cluster import DBSCAN
 
 from facecore import cluster as fc

@@ -12,7 +12,6 @@ does a new operation without ids until it is listed in NO_IDS with what it answe
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 

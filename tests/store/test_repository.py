@@ -450,7 +450,7 @@ def test_moving_the_last_face_away_drops_an_auto_person(session, user, ten_faces
 def test_clustering_revision_moves_with_every_change_but_the_cluster_workers_own(session, user, ten_faces):
     """The incremental cluster worker keeps a copy of a user's faces and links and reads it again
     when this counter moves: every other writer of faces, vectors or links must move it."""
-    bob = repo.get_or_create_user(session, "bob")
+    repo.get_or_create_user(session, "bob")
     session.commit()
 
     def revisions() -> tuple[int, int]:
