@@ -54,18 +54,24 @@ def _progress(total: int, desc: str):
 
 
 def cmd_index(args, settings: Settings | None = None):
-    from facecore.pipeline import FacePipeline
+    from concurrent.futures import ThreadPoolExecutor
 
-    from .indexing import folder_items, index_items, sync_with_folder
+    from facecore.pipeline import FacePipeline
 
     settings = settings or _settings(args)
     root = Path(args.dir)
     if not root.is_dir():
         raise SystemExit(f"not a folder: {root}")
-    items = folder_items(root)
-    log.info("found %d photo files under %s", len(items), root)
-    sessions = _sessions(settings)
-    pipeline = FacePipeline(settings)
+    # The models load (mostly native code) while this thread migrates the database and lists
+    # the folder: a second or so less before the first photo on a cold start.
+    with ThreadPoolExecutor(1, thread_name_prefix="load-models") as loader:
+        loading = loader.submit(FacePipeline, settings)
+        from .indexing import folder_items, index_items, sync_with_folder
+
+        items = folder_items(root)
+        log.info("found %d photo files under %s", len(items), root)
+        sessions = _sessions(settings)
+        pipeline = loading.result()
     try:
         with _progress(len(items), "indexing") as bar:
             summary = index_items(pipeline, sessions, settings.default_user, items, progress=bar.update)
