@@ -1,30 +1,34 @@
-"""Average linkage over a sparse kNN graph, for users with up to a million faces.
+"""Clustering for users with up to a million faces, with bounded memory.
 
 ``cluster.cluster`` runs scipy's exact average linkage inside each connected component
-of a kNN graph, which needs each component's full distance matrix. Here nothing of size
-n x n (nor component x component) is ever built:
+of a kNN graph. ``graph_cluster`` here takes the same steps, so it gives the same labels
+where today's code can run (identical on LFW-dev), but nothing of size n x n is built
+and no step loops over all faces once per component:
 
 1. a kNN graph from faiss: exact (IndexFlatIP) up to ``EXACT_MAX_FACES`` faces, an
-   inverted-file index (IndexIVFFlat) beyond, whose recall@k against the exact graph
-   benchmarks/scale.py measures;
-2. average linkage on that graph, where a pair of faces with no edge counts as cosine
-   similarity 0 (distance 1, "far"). This is *exact* average linkage of a modified
-   distance matrix (kNN edges keep their cosine, all other pairs sit at 1), so with a
-   complete graph (k >= n - 1) it is today's exact clustering. The approximation: two
-   faces of one person that are not among each other's k nearest are counted as far,
-   which can only split, never join, clusters.
-   The merges run as reciprocal-nearest-neighbour rounds (RAC): every pair of clusters
-   that are each other's most similar neighbour, above the cut, merges in the same
-   round. Average linkage is reducible, so this gives the same clusters as merging one
-   pair at a time. The distance between clusters A and B is 1 - S(A, B) / (|A| |B|),
-   S the summed similarity of the edges between them, which merges add up. A cluster
-   whose every edge is below the cut can never merge again (a merge averages edges),
-   so it leaves the graph with its edges.
-3. one person once per photo, as ``cluster.one_face_per_photo`` does it: where a cluster
-   holds several faces of one photo, the face most similar to the cluster's faces from
-   other photos stays, the others become clusters of their own.
+   inverted-file index (IndexIVFFlat) beyond; benchmarks/scale.py measures its recall;
+2. components at a loose similarity, a component above ``dense_max`` faces split again
+   at a stricter one (its own faces' kNN, searched again up to EXACT_MAX_FACES, else the
+   whole graph's edges inside it), exact linkage inside a component of at most
+   ``dense_max`` faces (a dense_max^2 matrix at most);
+3. where the split reaches the cut and a component is still larger (today's code would
+   build its full matrix there), average linkage over its kNN edges only,
+   ``sparse_average_linkage``: a pair of faces with no edge counts as cosine similarity 0
+   (distance 1, "far"). That is *exact* average linkage of a modified distance matrix
+   (kNN edges keep their cosine, all other pairs sit at 1), so with a complete graph
+   (k >= n - 1) it is exact average linkage. The approximation: a pair outside each
+   other's k nearest counts as far. Merges run as reciprocal-nearest-neighbour rounds
+   (RAC): every pair of clusters that are each other's most similar neighbour, above
+   the cut, merges in the same round; average linkage is reducible, so this gives the
+   clusters of merging one pair at a time. The similarity of clusters A and B is
+   S(A, B) / (|A| |B|), S the summed similarity of the edges between them, which merges
+   add up. A cluster whose every edge is below the cut can never merge again (a merge
+   averages edges), so it leaves the graph with its edges. Memory is O(n k).
+4. one person once per photo, as ``cluster.one_face_per_photo`` decides it (the face most
+   similar to the cluster's faces from other photos stays, the others become clusters of
+   their own), vectorised.
 
-Memory is O(n k): the graph's edges, a few arrays of that length per round.
+``sparse_cluster`` is step 3 alone on the whole kNN graph (no components, no dense step).
 """
 
 from __future__ import annotations
