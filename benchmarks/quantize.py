@@ -89,6 +89,11 @@ def fold_subset(data: Path, folds: list[int], dest: Path) -> Path:
     return dest
 
 
+def eval_data(args) -> Path:
+    """The folder a run indexes and is scored on: all of LFW-dev (--folds all) or the chosen folds."""
+    return args.data if args.folds == "all" else fold_subset(args.data, args.folds, args.out / "data")
+
+
 def subset_people(subset: Path) -> set[str]:
     return set(os.listdir(subset / "images"))
 
@@ -283,7 +288,7 @@ def run(args) -> None:
 
     from product import score_library
 
-    subset = fold_subset(args.data, args.folds, args.out / "data")
+    subset = eval_data(args)
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     for spec in args.variants:
@@ -296,7 +301,7 @@ def run(args) -> None:
         engine = make_engine(settings.database_url)
         migrate(engine)
         sessions = session_factory(engine)
-        pipe = build_pipeline(settings, variant, args.out / "models", args.threads)
+        pipe = build_pipeline(settings, variant, args.models or args.out / "models", args.threads)
         items = folder_items(subset / "images")
         t = time.perf_counter()
         summary = index_items(pipe, sessions, "bench", items)
@@ -389,14 +394,14 @@ def compare(args) -> None:
     from scipy.optimize import linear_sum_assignment
 
     runs = args.out / "runs"
-    subset = args.out / "data"
+    subset = eval_data(args)
     rows = read_pairs_rows(subset / "pairs.txt")
     same = np.array([len(r) == 3 for r in rows])
 
     def scores(name: str) -> np.ndarray:
         return np.loadtxt(runs / f"{name}_scores.tsv", skiprows=1)
 
-    ref_name = "fp32"
+    ref_name = args.reference
     ref_faces, ref_vec = load_faces(runs / f"{ref_name}.db")
     ref_scores = scores(ref_name)
     cut = best_threshold(ref_scores, same)
@@ -711,7 +716,10 @@ def main() -> None:
     ap.add_argument("--name", help="run: the run's name (one variant only)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=REPO / "out" / "quant")
-    ap.add_argument("--folds", type=lambda s: [int(k) for k in s.split(",")], default=[1, 2])
+    ap.add_argument("--folds", type=lambda s: s if s == "all" else [int(k) for k in s.split(",")], default=[1, 2],
+                    help="View-2 folds to evaluate on (comma-separated), or 'all': every LFW-dev photo and pair")
+    ap.add_argument("--reference", default="fp32", help="compare: the run every other is compared with")
+    ap.add_argument("--models", type=Path, help="run: folder of the int8 models (default OUT/models)")
     ap.add_argument("--threads", type=int, default=1, help="prepare/run: threads per model")
     ap.add_argument("--threads-list", type=lambda s: [int(k) for k in s.split(",")], default=[1, 2],
                     help="speed: thread counts")
