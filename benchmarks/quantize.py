@@ -21,11 +21,14 @@ Steps (each caches its outputs under --out):
 
     python benchmarks/quantize.py prepare            # subset tree, calibration inputs, int8 models
     python benchmarks/quantize.py run fp32 pnet=int8 sface=bf16 ...   # one index per variant
-    python benchmarks/quantize.py run --name all-bf16 pnet=bf16,rnet=bf16,onet=bf16,sface=bf16
-    python benchmarks/quantize.py speed --threads 1 2 # ms per call per net and precision
+    python benchmarks/quantize.py run pnet=bf16,rnet=bf16,onet=bf16,sface=bf16 --name all-bf16
+    python benchmarks/quantize.py speed --threads-list 1,2   # ms per call per net and precision
     python benchmarks/quantize.py compare            # everything against fp32 -> report.json, lists
     python benchmarks/quantize.py drift              # each net's outputs against fp32, fp16 also emulated
     python benchmarks/quantize.py tables             # the markdown tables of docs/QUANTISATION.md
+
+    python benchmarks/quantize.py run sface=bf16 --folds all --out out/quant-full   # all of LFW-dev
+    python benchmarks/quantize.py compare --folds all --out out/quant-full --reference sface-bf16
 
 A variant is ``net=precision[,net=precision...]`` (nets pnet, rnet, onet, sface; unnamed nets
 stay fp32); ``fp32`` is the reference. ``--folds`` picks whole View-2 folds of pairs.txt: the
@@ -36,7 +39,6 @@ person-disjoint), the verification pairs those folds' pairs.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -572,7 +574,7 @@ def speed(args) -> None:
 def tables(args) -> None:
     """Markdown tables of report.json (and speed*.json) for docs/QUANTISATION.md."""
     rep = json.loads((args.out / "report.json").read_text())
-    print(f"pair threshold (fp32's best on these pairs): {rep['pair_threshold']:.4f}, {rep['pairs']} pairs\n")
+    print(f"pair threshold (the reference run's best on these pairs): {rep['pair_threshold']:.4f}, {rep['pairs']} pairs\n")
     print("| run | LFW acc | AUC | BCubed F1 | pairwise F1 | clusters | cross acc fp32/variant | pairs changed "
           "(fixed/broken) | faces changed cluster (labelled) | face cosine to fp32 min / p1 / median |")
     print("|---|---|---|---|---|---|---|---|---|---|")
