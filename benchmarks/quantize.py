@@ -616,8 +616,8 @@ def tables(args) -> None:
 def fp16_emulated(graph: bytes) -> bytes:
     """The graph with half-precision storage and float32 arithmetic: float weights rounded to
     float16, and every tensor rounded to float16 after each node (Cast pairs). This is what a
-    GPU's half precision does when it accumulates in float32 (tensor cores, TensorRT's default),
-    unlike the CPU's AVX512_FP16, which accumulates in float16."""
+    GPU's half precision does when it accumulates in float32 (tensor cores). Graph outputs are
+    left in float32, so a softmax output is not rounded here."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
