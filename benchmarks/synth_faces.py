@@ -16,6 +16,7 @@ benchmarks/synth_faces.json, so no LFW data is needed to generate):
 * photos: faces are grouped into photos of 1..5 faces with LFW-dev's sizes, never
   one person twice in a photo, so the one-person-per-photo rule has work to do.
 
+    python benchmarks/synth_faces.py extract --db LIBRARY.db --out out/scale/lfw_dev_sface.npz
     python benchmarks/synth_faces.py fit --vectors out/scale/lfw_dev_sface.npz   # rewrites the JSON
     python benchmarks/synth_faces.py stats --faces 10000 --seed 0                 # quantiles of a draw
 """
@@ -53,6 +54,23 @@ def _draw(rng, comp: dict, n: int) -> np.ndarray:
     sd = np.asarray(comp["sd"])
     z = rng.standard_normal((n, len(sd))) * sd
     return z @ vecs + rng.standard_normal((n, vecs.shape[1])) * comp["iso_sd"]
+
+
+def extract(db: Path, out: Path) -> int:
+    """The sharp, non-trash faces with an embedding of a ``facecluster index`` SQLite database
+    of LFW-dev (one user) -> an .npz with x (unit rows), uri, face, box, score, blur, photo."""
+    import sqlite3
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = con.execute(
+        "select p.uri, f.face_index, f.x1, f.y1, f.x2, f.y2, f.det_score, f.blur, f.embedding, f.photo_id"
+        " from faces f join photos p on p.id = f.photo_id"
+        " where f.embedding is not null and f.blurry = 0 and f.trash = 0 order by f.id").fetchall()
+    x = np.stack([np.frombuffer(r[8], np.float32) for r in rows])
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.savez(out, x=x, uri=np.array([r[0] for r in rows]), face=np.array([r[1] for r in rows]),
+             box=np.array([r[2:6] for r in rows]), score=np.array([r[6] for r in rows]),
+             blur=np.array([r[7] for r in rows]), photo=np.array([r[9] for r in rows]))
+    return len(rows)
 
 
 def labelled_faces(npz: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +223,9 @@ def pair_stats(x: np.ndarray, person: np.ndarray, max_faces: int = 8000, seed: i
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract", help="real vectors from an indexed LFW-dev SQLite database into an .npz")
+    e.add_argument("--db", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True)
     f = sub.add_parser("fit", help="fit the parameters on real vectors (an .npz with x, uri, box, photo)")
     f.add_argument("--vectors", type=Path, required=True)
     f.add_argument("--out", type=Path, default=PARAMS)
@@ -213,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--vectors", type=Path)
     args = ap.parse_args(argv)
-    if args.cmd == "fit":
+    if args.cmd == "extract":
+        print(f"{extract(args.db, args.out)} faces -> {args.out}")
+    elif args.cmd == "fit":
         x, names = labelled_faces(args.vectors)
         _, sizes = np.unique(np.load(args.vectors)["photo"], return_counts=True)
         args.out.write_text(json.dumps(fit(x, names, sizes.tolist())) + "\n")
