@@ -62,8 +62,8 @@ def cmd_index(args, settings: Settings | None = None):
     root = Path(args.dir)
     if not root.is_dir():
         raise SystemExit(f"not a folder: {root}")
-    # The models load (mostly native code) while this thread migrates the database and lists
-    # the folder: a second or so less before the first photo on a cold start.
+    # The models load (mostly native code, which releases the GIL) while this thread migrates
+    # the database and lists the folder.
     with ThreadPoolExecutor(1, thread_name_prefix="load-models") as loader:
         loading = loader.submit(FacePipeline, settings)
         from .indexing import folder_items, index_items, sync_with_folder
