@@ -164,8 +164,9 @@ def relabel_by_size(labels: np.ndarray) -> np.ndarray:
     valid = labels >= 0
     if not valid.any():
         return out
-    ids, first, counts = np.unique(labels[valid], return_index=True, return_counts=True)
+    ids, first, inv, counts = np.unique(labels[valid], return_index=True, return_inverse=True, return_counts=True)
     order = np.lexsort((first, -counts))
-    remap = {int(ids[j]): r for r, j in enumerate(order)}
-    out[valid] = [remap[int(v)] for v in labels[valid]]
+    rank = np.empty(len(ids), np.int64)
+    rank[order] = np.arange(len(ids))
+    out[valid] = rank[inv]
     return out

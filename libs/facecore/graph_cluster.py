@@ -38,7 +38,8 @@ import logging
 import faiss
 import numpy as np
 
-from .cluster import DEFAULT_DISTANCE, KNN, LOOSE_SIMILARITY, MAX_COMPONENT, average_linkage, components
+from .cluster import (DEFAULT_DISTANCE, KNN, LOOSE_SIMILARITY, MAX_COMPONENT, average_linkage, components,
+                      relabel_by_size)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,6 @@ def one_face_per_photo(x: np.ndarray, labels: np.ndarray, photos: np.ndarray) ->
     face that stays (most similar to the mean of the cluster's faces from other photos;
     the first face where the cluster has no other photo)."""
     labels = labels.copy()
-    n = len(labels)
     ok = np.flatnonzero(labels >= 0)
     if len(ok) == 0:
         return labels
@@ -187,20 +187,6 @@ def one_face_per_photo(x: np.ndarray, labels: np.ndarray, photos: np.ndarray) ->
     start = int(labels.max()) + 1
     labels[np.sort(split)] = start + np.arange(len(split))
     return labels
-
-
-def relabel_by_size(labels: np.ndarray) -> np.ndarray:
-    """``cluster.relabel_by_size`` vectorised: 0.. by decreasing size, ties by first face."""
-    out = np.full_like(labels, -1)
-    valid = labels >= 0
-    if not valid.any():
-        return out
-    ids, first, inv, counts = np.unique(labels[valid], return_index=True, return_inverse=True, return_counts=True)
-    order = np.lexsort((first, -counts))
-    rank = np.empty(len(ids), np.int64)
-    rank[order] = np.arange(len(ids))
-    out[valid] = rank[inv]
-    return out
 
 
 def _groups(comp: np.ndarray) -> list[np.ndarray]:
@@ -266,7 +252,7 @@ def graph_cluster(x: np.ndarray, max_distance: float = DEFAULT_DISTANCE, *, k: i
             local = sparse_average_linkage(m, *edges_from_knn(s2, i2), max_distance)
         labels[members] = local + next_label
         next_label += int(local.max()) + 1
-    del sims, idx, comp
+    sims = idx = comp = None  # the kNN table is freed before the photo pass
     if photos is not None:
         labels = one_face_per_photo(x, labels, np.asarray(photos))
     if min_size > 1:
