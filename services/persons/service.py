@@ -139,8 +139,11 @@ def merge(session: Session, user_id: int, person_id: int, other_ids: Collection[
     # size, or one the embedder splits off, would otherwise leave the merged person).
     repo.move_person_links(session, [person_id, *others], person_id)
     rejected = [tuple(r) for r in snapshot["rejections"]]
-    repo.add_rejections(session, user_id, [(f, person_id) for f, p in rejected if p in found and p != person_id])
     in_target = set(members)
+    # a face the user has since put into the target (or into another merged person) is in it:
+    # its rejection of a merged person is not carried over
+    repo.add_rejections(session, user_id, [(f, person_id) for f, p in rejected
+                                           if p in found and p != person_id and f not in in_target])
     repo.delete_rejection_pairs(session, user_id, [(f, p) for f, p in rejected if p == person_id and f in in_target])
     name = target.name or next((found[p].name for p in others if found[p].name), None)
     repo.update_person(session, target, name=name, user_confirmed=True)

@@ -77,6 +77,20 @@ def test_a_merge_carries_rejections_over_and_a_move_by_hand_lifts_them(session, 
     assert_counts_true(session, lib.user_id)
 
 
+def test_a_merge_never_leaves_a_face_in_a_person_it_is_rejected_from(session, lib):
+    """"Not p1", then moved into p0 by hand, then p1 merged into p0: the face is in p0, so the
+    rejection of p1 is not carried over to p0 (found by the API concurrency test)."""
+    p0, p1 = lib.person_of[0], lib.person_of[1]
+    face = next(f for f, p in lib.truth.items() if p == 1)
+    person_service.reject_face(session, lib.user_id, p1, face)
+    person_service.move_faces(session, lib.user_id, [face], p0)
+    person_service.merge(session, lib.user_id, p0, [p1])
+    session.commit()
+    assert persons_repo.face_links(session, lib.user_id)[face] == p0
+    assert persons_repo.rejected_persons(session, lib.user_id, [face]) == {}
+    assert_counts_true(session, lib.user_id)
+
+
 def test_a_merge_outlives_reclustering_even_where_the_embedder_sees_two_clusters(session, lib):
     """The merged-in faces become the user's links; the target's own faces stay automatic and
     form a cluster of their own, which must stay with the confirmed person, not leave for a new one."""
