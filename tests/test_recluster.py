@@ -32,8 +32,9 @@ from services.persons import service as person_service
 from services.recluster import Plan, recluster_user, recluster_users
 from services.store import repository as repo
 from services.store.db import make_engine, migrate, session_factory
-from services.store.models import Base, FacePerson, FaceRejection, Person
+from services.store.models import Base, FaceRejection, Person
 from testdb import scratch_pg_database
+from testdb import assert_counts_true
 
 MODEL = "sface-2021dec"
 DIM = 128
@@ -101,15 +102,6 @@ def partition(session: Session, user_id: int) -> dict[int, frozenset]:
     for f, p in persons_repo.face_links(session, user_id).items():
         out.setdefault(p, set()).add(f)
     return {p: frozenset(fs) for p, fs in out.items()}
-
-
-def assert_counts_true(session: Session, user_id: int) -> None:
-    session.expire_all()
-    for person in session.scalars(sa.select(Person).where(Person.user_id == user_id)):
-        real = session.scalar(sa.select(sa.func.count()).where(FacePerson.person_id == person.id))
-        assert person.face_count == real, f"person {person.id}: face_count {person.face_count}, links {real}"
-        if real:
-            assert session.get(FacePerson, person.cover_face_id).person_id == person.id
 
 
 # ------------------------------------------------------------------------------ fixtures

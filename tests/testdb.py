@@ -1,4 +1,5 @@
-"""Scratch PostgreSQL databases for tests (a plain module, so any test folder can import it)."""
+"""Scratch PostgreSQL databases and checks of a library's rows for tests (a plain module, so any
+test folder can import it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
+
+from services.store.models import FacePerson, Person
 
 
 @contextmanager
@@ -23,3 +26,13 @@ def scratch_pg_database(pg_url: str) -> Iterator[str]:
         with admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+def assert_counts_true(session, user_id: int) -> None:
+    """Every person's face_count is its real number of links, and its cover is one of its faces."""
+    session.expire_all()
+    for person in session.scalars(sa.select(Person).where(Person.user_id == user_id)):
+        real = session.scalar(sa.select(sa.func.count()).where(FacePerson.person_id == person.id))
+        assert person.face_count == real, f"person {person.id}: face_count {person.face_count}, links {real}"
+        if real:
+            assert session.get(FacePerson, person.cover_face_id).person_id == person.id

@@ -49,6 +49,7 @@ from services import tokens
 from services.store import repository as repo
 from services.store.db import make_engine, migrate, session_factory
 from services.store.models import Face, FacePerson, FaceRejection, Person, PersonEdit
+from testbus import drop_topics
 from testdb import scratch_pg_database
 
 pytestmark = pytest.mark.cloud
@@ -143,11 +144,9 @@ def deployment(pg_url, kafka_bootstrap, tmp_path):
             if dep.worker is not None and dep.worker.alive():
                 dep.worker.proc.kill()
                 dep.worker.proc.wait()
-            admin = bus._admin()
             try:
-                admin.delete_topics([bus._name(t) for t in busmod.TOPICS], raise_errors=False)
+                drop_topics(bus)
             finally:
-                admin.close()
                 bus.close()
             engine.dispose()
 

@@ -43,6 +43,7 @@ from services.publish import publish_photos
 from services.store import repository as repo
 from services.store.db import make_engine, migrate, session_factory
 from services.store.models import Face, FacePerson, Person, Photo, User
+from testbus import drop_topics
 
 pytestmark = pytest.mark.cloud
 
@@ -190,11 +191,7 @@ class Deployment:
                 worker.proc.wait()
         self.bus.close()
         self.engine.dispose()
-        admin = self.bus._admin()
-        try:
-            admin.delete_topics([self.bus._name(t) for t in busmod.TOPICS], raise_errors=False)
-        finally:
-            admin.close()
+        drop_topics(self.bus)
         with self._admin_db() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
 

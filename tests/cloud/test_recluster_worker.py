@@ -39,6 +39,7 @@ from services.recluster_worker.worker import GROUP
 from services.store import repository as repo
 from services.store.db import make_engine, migrate, session_factory
 from services.store.models import Face, FacePerson, FaceRejection, Person, Photo, User
+from testbus import drop_topics
 
 pytestmark = pytest.mark.cloud
 
@@ -178,11 +179,7 @@ def deployment(pg_url, kafka_bootstrap, tmp_path):
     try:
         yield urls, names, admin_db, bus, bus_url
     finally:
-        admin = bus._admin()
-        try:
-            admin.delete_topics([bus._name(t) for t in busmod.TOPICS], raise_errors=False)
-        finally:
-            admin.close()
+        drop_topics(bus)
         bus.close()
         with admin_db.connect() as conn:
             for n in names:

@@ -24,6 +24,7 @@ from services.persons import repository as persons_repo
 from services.store import repository as repo
 from services.store.db import make_engine, session_factory
 from services.store.models import Face, FacePerson, Person, Photo, User
+from testbus import drop_topics
 
 MAX_BYTES = 50 * 1024 * 1024
 
@@ -38,11 +39,9 @@ def bus_url(empty_db_url, request) -> Iterator[str]:
     url = f"kafka://{request.getfixturevalue('kafka_bootstrap')}/t{uuid.uuid4().hex[:10]}"
     yield url
     bus = busmod.connect(url)
-    admin = bus._admin()
     try:
-        admin.delete_topics([bus._name(t) for t in busmod.TOPICS], raise_errors=False)
+        drop_topics(bus)
     finally:
-        admin.close()
         bus.close()
 
 

@@ -10,6 +10,7 @@ from apilibrary import seed_library
 from services.persons import repository as persons_repo
 from services.persons import service as person_service
 from services.store.models import FacePerson, FaceRejection, Person
+from testdb import assert_counts_true
 
 
 @pytest.fixture
@@ -29,15 +30,6 @@ def state(session, user_id: int) -> dict:
     rejections = set(session.execute(sa.select(FaceRejection.face_id, FaceRejection.person_id)
                                      .where(FaceRejection.user_id == user_id)).all())
     return {"persons": persons, "links": links, "rejections": rejections}
-
-
-def assert_counts_true(session, user_id: int) -> None:
-    session.expire_all()
-    for person in session.scalars(sa.select(Person).where(Person.user_id == user_id)):
-        real = session.scalar(sa.select(sa.func.count()).where(FacePerson.person_id == person.id))
-        assert person.face_count == real, f"person {person.id}: face_count {person.face_count}, links {real}"
-        if real:
-            assert session.get(FacePerson, person.cover_face_id).person_id == person.id
 
 
 def labels_as_now(session, lib) -> dict[int, int]:
