@@ -80,6 +80,16 @@ def load_run(url: str, user: str) -> tuple[list[dict], dict[int, np.ndarray]]:
     return rows, dict(zip(ids.tolist(), x))
 
 
+def fresh_library(db: Path, threads: int):
+    """Settings, engine and sessions of a new, migrated SQLite library at ``db`` (an old one is removed)."""
+    for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        f.unlink(missing_ok=True)
+    settings = load_settings(database_url=f"sqlite:///{db}", threads=threads, default_user="bench")
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    return settings, engine, session_factory(engine)
+
+
 def score_library(url: str, user: str, prefix: Path, data: Path) -> dict:
     """Export a user's LFW-dev library as PREFIX_faces.csv and its central faces' pair scores as
     PREFIX_scores.tsv, and score both with the scorer (also written to PREFIX_score.json)."""
@@ -109,12 +119,7 @@ def main() -> None:
     images = args.photos_dir or args.data / "images"
     prefix = args.out / (f"{args.name}_photos" if args.photos_dir else args.name)
     db = prefix.with_suffix(".db")
-    for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
-        f.unlink(missing_ok=True)
-    settings = load_settings(database_url=f"sqlite:///{db}", threads=args.threads, default_user="bench")
-    engine = make_engine(settings.database_url)
-    migrate(engine)
-    sessions = session_factory(engine)
+    settings, _, sessions = fresh_library(db, args.threads)
     t0 = time.perf_counter()
     pipeline = FacePipeline(settings)
     load_s = time.perf_counter() - t0

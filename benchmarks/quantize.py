@@ -283,12 +283,10 @@ def prepare(args) -> None:
 
 
 def run(args) -> None:
-    from facecore.settings import load_settings
     from services.clustering import cluster_user
     from services.indexing import folder_items, index_items
-    from services.store.db import make_engine, migrate, session_factory
 
-    from product import score_library
+    from product import fresh_library, score_library
 
     subset = eval_data(args)
     runs = args.out / "runs"
@@ -297,12 +295,7 @@ def run(args) -> None:
         variant = parse_variant(spec)
         name = args.name if args.name and len(args.variants) == 1 else variant_name(spec)
         db = runs / f"{name}.db"
-        for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
-            f.unlink(missing_ok=True)
-        settings = load_settings(database_url=f"sqlite:///{db}", threads=args.threads, default_user="bench")
-        engine = make_engine(settings.database_url)
-        migrate(engine)
-        sessions = session_factory(engine)
+        settings, engine, sessions = fresh_library(db, args.threads)
         pipe = build_pipeline(settings, variant, args.models or args.out / "models", args.threads)
         items = folder_items(subset / "images")
         t = time.perf_counter()
