@@ -8,13 +8,16 @@ the cloud:
   namespace prefixes every topic and consumer group (``ns.photo.uploaded``), so several
   deployments or test runs can share one cluster without seeing each other's events.
 
-Both have the semantics the workers rely on: topics of ``PARTITIONS`` partitions, messages keyed
-by user name and placed by the key's murmur2 hash (Kafka's own partitioner), so one user's
-events stay in one partition and are handled in order by one worker; consumer groups that split
-partitions between their members; and offsets committed only when the consumer says so.
-Delivery is therefore at least once, and every consumer must be idempotent.
+Both have the semantics the workers rely on: topics of ``PARTITIONS`` partitions, messages
+placed by their key's murmur2 hash (Kafka's own partitioner), so the events of one key stay in
+one partition and are handled in order by one worker; consumer groups that split partitions
+between their members; and offsets committed only when the consumer says so. Delivery is
+therefore at least once, and every consumer must be idempotent.
 
-Messages are JSON objects in UTF-8, keyed by the user name:
+Messages are JSON objects in UTF-8. Clustering needs a user's events in order, detection and
+embedding do not, so ``photo.uploaded`` is keyed by the photo (``user/sha256``: one user's bulk
+upload spreads over every partition and so every ingest worker, while a re-upload of the same
+bytes meets the first in one partition) and every other topic by the user name:
 
 ``photo.uploaded``  ``{"user": str, "uri": str, "object_key": str, "sha256": str}``
     The photo's bytes are durable in the object store under ``object_key`` (content-addressed);
@@ -24,7 +27,7 @@ Messages are JSON objects in UTF-8, keyed by the user name:
 ``photo.dead``      ``{"reason": str, "topic": str, "partition": int, "offset": int,
                      "key": str | null, "value": str}``
     A message that could not be handled (malformed, or a photo that cannot be indexed), with
-    where it came from and its raw value, for inspection and replay.
+    where it came from and its raw value, for inspection and replay; keyed as that message.
 ``recluster.requested``  ``{"user": str}``
     Re-cluster this user's faces from scratch (``facecluster recluster --all --enqueue``; the
     recluster worker, ``services/recluster.py``).

@@ -38,6 +38,13 @@ def object_key(sha256: str) -> str:
     return f"{sha256[:2]}/{sha256}"
 
 
+def upload_key(user: str, sha256: str) -> str:
+    """The ``photo.uploaded`` key: one user's photos spread over every partition (indexing
+    needs no per-user order), while the same bytes of the same user always meet in one, so no
+    two workers store one photo at the same time."""
+    return f"{user}/{sha256}"
+
+
 def read_object(store: Path, key: str, sha256: str, max_bytes: int) -> bytes | str:
     """The object's bytes, or why they cannot be had: missing, unreadable, over ``max_bytes``,
     or not the bytes ``sha256`` names (a permanent failure for that photo either way)."""
@@ -100,7 +107,7 @@ def publish_photos(bus: Bus, store: Path, user: str, items: Iterable[tuple[str, 
             if _write_object(store, key, data):
                 folders.add((store / key).parent)
                 summary.stored_bytes += len(data)
-            events.append((user, {"user": user, "uri": uri, "object_key": key, "sha256": sha256}))
+            events.append((upload_key(user, sha256), {"user": user, "uri": uri, "object_key": key, "sha256": sha256}))
         for folder in folders:
             _fsync_dir(folder)  # the renames are durable too
         bus.publish(UPLOADED, events)

@@ -4,9 +4,12 @@ Per batch: read each photo from the object store, run the face pipeline over the
 store every photo in its own transaction, and only then announce ``faces.indexed`` and commit
 the offsets. Delivery is at least once, and storing is idempotent per (user, sha256), so a kill
 at any point leaves either nothing or whole photos behind and a redelivery finishes the job
-without duplicates. A photo that cannot be indexed (corrupt bytes, missing object, a model
-error on it alone) becomes a failed row with its reason and goes to ``photo.dead``; it never
-stops the worker. Outages of the database or the broker are waited out with backoff.
+without duplicates. Events are keyed by photo (``user/sha256``), so one user's bulk upload is
+shared by every worker of the group and nothing here relies on a user's photos coming in order
+or to one worker; the same photo twice always meets in one partition. A photo that cannot be
+indexed (corrupt bytes, missing object, a model error on it alone) becomes a failed row with its
+reason and goes to ``photo.dead``; it never stops the worker. Outages of the database or the
+broker are waited out with backoff.
 
 Run: ``python -m services.ingest`` (settings from ``FACECLUSTER_*``: ``database_url``,
 ``bus_url``, ``object_store``, ``batch_size``, model settings). SIGTERM finishes the current
@@ -24,6 +27,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sqlalchemy.exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from facecore.settings import Settings
@@ -132,10 +136,26 @@ class IngestWorker:
                 results.append(PhotoResult(key=key, error=f"pipeline error: {type(e).__name__}: {e}"[:500]))
         return results
 
-    def _save(self, job: _Job) -> None:
-        with self.sessions() as session:
-            saved = repo.save_photo_result(session, job.user_id, job.value["uri"], job.result)
-            session.commit()  # one transaction per photo
+    def _save(self, job: _Job, jobs: list[_Job]) -> None:
+        while True:
+            try:
+                with self.sessions() as session:
+                    saved = repo.save_photo_result(session, job.user_id, job.value["uri"], job.result)
+                    session.commit()  # one transaction per photo
+                break
+            except sa_exc.IntegrityError:
+                # The user was deleted after this batch looked it up (photos of one user are in
+                # several workers' hands at once). The photo is stored as if its event had come
+                # after the delete, as every later upload for that name is: under the user made anew.
+                name, gone = job.value["user"], job.user_id
+                job.user_id = self._user_ids({name})[name]
+                if job.user_id == gone:
+                    raise  # the user is there: some other constraint, a bug
+                log.warning("user %s was deleted while photo %s was indexed; storing it for the user anew",
+                            name, job.value["uri"])
+                for other in jobs:
+                    if other.user_id == gone:
+                        other.user_id = job.user_id
         job.photo_id, job.status, job.face_ids = saved.id, saved.status, saved.face_ids
         if saved.status == "failed":
             job.result.error = saved.error
@@ -175,7 +195,7 @@ class IngestWorker:
             job.result = results[str(i)] if isinstance(data, bytes) else PhotoResult(key=str(i), error=data)
             # Failed rows are keyed by the bytes' hash too, so a re-upload of them is recognised.
             job.result.sha256 = job.result.sha256 or job.value["sha256"]
-            retry(lambda: self._save(job), f"storing {job.value['uri']}", self.stop)
+            retry(lambda: self._save(job, todo), f"storing {job.value['uri']}", self.stop)
         lap("store")
 
         indexed = []

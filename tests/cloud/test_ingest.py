@@ -28,9 +28,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +41,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
+from facecore.settings import Settings
+from facecore.types import PhotoResult
 from services import bus as busmod
-from services.publish import publish_photos
+from services.ingest.worker import IngestWorker
+from services.publish import publish_photos, upload_key
 from services.store import repository as repo
 from services.store.db import make_engine, migrate, session_factory
 from services.store.models import Face, FacePerson, Person, Photo, User
@@ -58,20 +64,7 @@ WORKER_START_S = 120  # import + models + group join on a busy 2-core machine
 MAX_BYTES = 100 * 1024 * 1024
 
 
-def _users(n: int) -> list[str]:
-    """n user names that Kafka places on n different partitions, so workers can share them."""
-    names, taken = [], set()
-    for i in range(1000):
-        name = f"user-{i}"
-        if busmod.partition_for(name) not in taken:
-            taken.add(busmod.partition_for(name))
-            names.append(name)
-            if len(names) == n:
-                return names
-    raise AssertionError("no user names for every partition")
-
-
-USERS = _users(busmod.PARTITIONS)
+USERS = [f"user-{i}" for i in range(4)]
 
 
 def lfw_photos() -> list[Path]:
@@ -330,13 +323,19 @@ def assert_exactly_once(dep: Deployment, corrupt: set[tuple[str, str]]) -> None:
     failed = {(r.name, r.sha256): r.error for r in rows if r.status != "indexed"}
     assert failed.keys() == corrupt
     assert all(r.status == "failed" and r.error for r in rows if (r.name, r.sha256) in corrupt)
-    dead = {(m.key, json.loads(m.value["value"])["sha256"]) for m in dep.read_topic(busmod.DEAD)}
-    assert dead == corrupt
+    dead = {}
+    for m in dep.read_topic(busmod.DEAD):  # keyed as the upload they came from
+        value = json.loads(m.value["value"])
+        assert m.key == m.value["key"] == upload_key(value["user"], value["sha256"])
+        dead[value["user"], value["sha256"]] = m.value["reason"]
+    assert dead.keys() == corrupt and all(dead.values())
 
     faces_of = defaultdict(list)
     for f in sorted(faces, key=lambda f: f.face_index):
         faces_of[f.photo_id].append(f.id)
-    announced = {m.value["photo_id"]: m.value["face_ids"] for m in dep.read_topic(busmod.INDEXED)}
+    announcements = dep.read_topic(busmod.INDEXED)
+    assert all(m.key == m.value["user"] for m in announcements), "faces.indexed is keyed by user"
+    announced = {m.value["photo_id"]: m.value["face_ids"] for m in announcements}
     indexed = {r.id for r in rows if r.status == "indexed"}
     assert announced.keys() == indexed
     assert all(announced[p] == faces_of[p] for p in indexed)
@@ -388,11 +387,15 @@ def test_reference_run_stores_every_photo_once(reference):
     assert sum(len(s["photos"]) for s in snapshot.values()) == MAIN_PHOTOS
     reasons = [p[3] for s in snapshot.values() for p in s["photos"] if p[2] == "failed"]
     assert len(reasons) == CORRUPT and all(reasons)
-    # Events sit on the partition Kafka's partitioner picks for the user, in publish order.
+    # Events are keyed by photo and sit on the partition Kafka's partitioner picks for that key,
+    # so each user's photos are spread over every partition.
     uploaded = dep.read_topic(busmod.UPLOADED)
+    assert all(m.key == upload_key(m.value["user"], m.value["sha256"]) for m in uploaded)
     assert all(m.partition == busmod.partition_for(m.key) for m in uploaded)
     for user in USERS:
-        assert [m.value["uri"] for m in uploaded if m.key == user] == [u for n, u, _ in dep.published if n == user]
+        assert sorted(m.value["uri"] for m in uploaded if m.value["user"] == user) == sorted(
+            u for n, u, _ in dep.published if n == user)
+        assert {m.partition for m in uploaded if m.value["user"] == user} == set(range(busmod.PARTITIONS))
 
 
 def test_killed_worker_loses_nothing(reference, deployment, main_set):
@@ -445,6 +448,109 @@ def test_two_workers_share_partitions_and_match_one_worker(reference, deployment
     assert_exactly_once(dep, corrupt_of(dep))
     uris = {uri for its in items.values() for uri, _ in its}
     assert_same(dep.snapshot(USERS), reference[0].snapshot(USERS, uris))
+
+
+def as_one_user(snapshot: dict, user: str) -> dict:
+    """Every user's photos and faces of ``snapshot`` as ``user``'s (the main set's uris are unique)."""
+    return {user: {part: sorted(x for s in snapshot.values() for x in s[part]) for part in ("photos", "faces")}}
+
+
+def test_one_users_upload_spreads_over_two_workers_and_survives_a_kill(reference, deployment, main_set):
+    """One user's 200 photos on every partition: both workers of the group index some; one is
+    killed with SIGKILL mid-run and a new one takes its place; every photo is stored once."""
+    dep, user = deployment, "bulk"
+    items = {user: [it for its in main_set.values() for it in its]}
+    workers = [dep.start(threads=1), dep.start(threads=1)]
+    dep.wait("both workers holding 2 partitions",
+             lambda: all(re.search(r"assigned partitions \[\d+, \d+\]", w.log()) for w in workers),
+             WORKER_START_S, workers)
+    dep.publish(items)
+    dep.wait("a batch stored by each worker", lambda: all(batch_lines(w) for w in workers), WORKER_START_S, workers)
+    time.sleep(random.uniform(0, 1.5))
+    workers[0].kill()
+    assert (dep.rows() or 0) < MAIN_PHOTOS, "the kill came too late to land mid-run"
+    workers.append(dep.start(threads=1))
+    dep.wait_drained(workers[1:])
+    assert [w.stop() for w in workers[1:]] == [0, 0]
+    indexed = [sum(int(n) for n in re.findall(r"\): (\d+) indexed", w.log())) for w in workers]
+    print(f"photos indexed per worker (the first killed): {indexed}")
+    assert indexed[0] > 0 and indexed[1] > 0
+    assert_exactly_once(dep, corrupt_of(dep))
+    assert_same(as_one_user(dep.snapshot([user]), user), as_one_user(reference[0].snapshot(USERS), user))
+
+
+class NoFaces:
+    """A pipeline that finds no faces (what is under test is the storing), after ``before()``."""
+
+    def __init__(self, before=lambda: None):
+        self.before = before
+
+    def process(self, items: list[tuple[str, bytes]]) -> list[PhotoResult]:
+        self.before()
+        return [PhotoResult(key=key, sha256=hashlib.sha256(data).hexdigest(), width=1, height=1) for key, data in items]
+
+
+def in_process_worker(dep: Deployment, pipeline) -> IngestWorker:
+    settings = Settings(object_store=dep.store, max_bytes=MAX_BYTES)
+    return IngestWorker(settings, dep.bus, dep.sessions, pipeline, threading.Event())
+
+
+def uploaded_events(dep: Deployment, user: str, n: int) -> list[busmod.Message]:
+    dep.publish({user: [(uri_of(path), path) for path in lfw_photos()[:n]]})
+    return dep.read_topic(busmod.UPLOADED)
+
+
+def test_workers_creating_one_new_user_at_once_make_one_user(deployment):
+    """Four workers store the first photos of a new user at the same moment: one user row, every
+    photo under it once (the user row's insert yields to a concurrent one)."""
+    dep = deployment
+    events = uploaded_events(dep, "new", 16)
+    with ExitStack() as warm:  # four pooled connections, so no worker is held back opening one
+        for _ in range(4):
+            warm.enter_context(dep.engine.connect()).exec_driver_sql("SELECT 1")
+    start = threading.Barrier(4)
+    workers = [in_process_worker(dep, NoFaces()) for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            reports = list(pool.map(lambda i: (start.wait(), workers[i].handle(events[i::4]))[1], range(4)))
+    finally:
+        for worker in workers:
+            worker.close()
+    assert sum(r.indexed for r in reports) == 16 and not any(r.failed for r in reports)
+    with dep.sessions() as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(User)) == 1
+        user = repo.find_user(session, "new")
+        assert sorted(sha for _, _, sha in repo.photo_keys(session, user.id)) == sorted(
+            m.value["sha256"] for m in events)
+
+
+def test_user_deleted_while_its_photos_are_in_the_models(deployment):
+    """A user deleted between a batch's user lookup and its storing (photos of one user are in
+    several workers at once): the batch is stored for the user made anew, as an upload after the
+    delete would be, and announced; nothing is lost and the worker does not crash."""
+    dep, deleted = deployment, []
+
+    def delete_user() -> None:
+        with dep.sessions() as session:
+            user = repo.find_user(session, "ann")
+            repo.delete_user(session, user.id)
+            session.commit()
+        deleted.append(user.id)
+
+    events = uploaded_events(dep, "ann", 8)
+    worker = in_process_worker(dep, NoFaces(before=delete_user))
+    try:
+        report = worker.handle(events)
+    finally:
+        worker.close()
+    assert report.indexed == 8 and deleted
+    with dep.sessions() as session:
+        user = repo.find_user(session, "ann")
+        assert user.id != deleted[0]
+        photos = {photo_id: sha for photo_id, _, sha in repo.photo_keys(session, user.id)}
+    assert sorted(photos.values()) == sorted(m.value["sha256"] for m in events)
+    announced = {m.value["photo_id"]: m.value["sha256"] for m in dep.read_topic(busmod.INDEXED)}
+    assert announced == photos
 
 
 def test_worker_rides_out_sigterm_and_kafka_and_postgres_restarts(reference, deployment, main_set,
