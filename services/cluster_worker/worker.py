@@ -7,16 +7,21 @@ batch of theirs re-clusters them from scratch with the cluster job's own functio
 overlap), so the same photos give the same albums as ``facecluster run``. Re-clustering a whole
 library for every upload does not scale, so above that the worker is incremental:
 
-- a new face joins an existing person when the mean similarity of its ``top_k`` nearest faces
-  of that person (faiss kNN over the user's assigned faces) exceeds ``1 - max_distance``, with
-  the cut average linkage uses in the batch job (calibrated per embedder, ``facecore.cluster``);
+- a new face joins an existing person by ``facecore.assign``'s rule: the mean similarity of
+  its ``top_k`` nearest faces of that person (kNN over the user's assigned faces, exact up to
+  ``facecore.assign.EXACT_MAX_FACES``, a PQ scan re-ranked exactly beyond) exceeds
+  ``1 - max_distance``, with the cut average linkage uses in the batch job (calibrated per
+  embedder, ``facecore.cluster``);
 - faces that join nobody wait in the user's unassigned pool; ``facecore.cluster.cluster`` runs
-  over that pool and every cluster of at least ``min_faces`` (``min_cluster_size``, as in the
-  batch job) becomes a new person.
+  over the new ones and the pool faces near them (see ``ClusterWorker._new_persons``) and
+  every cluster of at least ``min_faces`` (``min_cluster_size``, as in the batch job) becomes
+  a new person.
 
 Events are keyed by user, so a user's faces all arrive in one partition and one worker owns
 them; it keeps the user's faces in memory while it owns the partition and forgets them when
-the partition is revoked (another worker will change them). Writes go through the repository
+the partition is revoked (another worker will change them). The copies together hold at most
+``FACECLUSTER_CLUSTER_CACHE_MB``; the least recently used users are dropped first and read
+again from the database with their next faces. Writes go through the repository
 (auto links, new persons) in one transaction per user and batch. Every step is idempotent: a
 face already linked is skipped. The copy is read again after a restart, when the user's
 ``clustering_revision`` moved (everyone else who changes faces, vectors or links moves it: a
@@ -35,7 +40,8 @@ import argparse
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -44,7 +50,8 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from facecore.cluster import KNN, calibrated_distance, cluster
+from facecore.assign import TOP_K, FaceIndex, assign, one_per_photo
+from facecore.cluster import KNN, LOOSE_SIMILARITY, calibrated_distance, cluster
 from facecore.settings import Settings
 
 from .. import bus as busmod
@@ -53,6 +60,7 @@ from ..clustering import recluster
 from ..persons import repository as persons_repo
 from ..persons import service as person_service
 from ..runner import Hooks, describe_settings, run_worker
+from ..settings import ClusterWorkerSettings
 from ..store import repository as repo
 from ..store.models import User
 from ..store.repository import NotFound
@@ -60,9 +68,9 @@ from ..store.repository import NotFound
 log = logging.getLogger("facecluster.cluster_worker")
 
 GROUP = "cluster"
-TOP_K = 3
 MIN_FACES = Settings.model_fields["min_cluster_size"].default
 RECLUSTER_MAX_FACES = Settings.model_fields["recluster_max_faces"].default
+CACHE_MB = ClusterWorkerSettings.model_fields["cluster_cache_mb"].default
 SWEEP_S = 30.0
 RACES = 3  # re-clustering tries per user and batch while edits overtake it
 
@@ -79,9 +87,9 @@ class _UserFaces:
     model_version: str
     revision: int  # the user's clustering_revision this copy was read at
     assigned_ids: np.ndarray  # (n,) face ids that belong to a person
-    person_of: np.ndarray  # (n,) their person ids
-    index: faiss.IndexFlatIP  # their embeddings, same order
-    unassigned: dict[int, np.ndarray]
+    index: FaceIndex | None  # their embeddings and person ids, same order
+    pool_ids: np.ndarray  # (m,) face ids in no person
+    pool_x: np.ndarray  # (m, d) their embeddings
 
     @classmethod
     def load(cls, session: Session, user: User, partition: int, model_version: str) -> _UserFaces:
@@ -96,37 +104,72 @@ class _UserFaces:
            links: dict[int, int]) -> _UserFaces:
         """The copy of faces ``ids`` (vectors ``x``) with the person ``links`` (face id -> person id)."""
         linked = np.array([int(i) in links for i in ids], dtype=bool)
-        state = cls(partition, model_version, revision, np.zeros(0, np.int64), np.zeros(0, np.int64), None, {})
+        state = cls(partition, model_version, revision, np.zeros(0, np.int64), None, np.zeros(0, np.int64),
+                    np.zeros((0, x.shape[1] if x.ndim == 2 else 0), np.float32))
         if len(ids):
-            state.index = faiss.IndexFlatIP(x.shape[1])
             state.add(ids[linked], np.array([links[int(i)] for i in ids[linked]], np.int64), x[linked])
-            state.unassigned = {int(i): v for i, v, done in zip(ids, x, linked) if not done}
+            state.pool_ids, state.pool_x = np.asarray(ids[~linked], np.int64), np.asarray(x[~linked], np.float32)
         return state
 
     @property
+    def person_of(self) -> np.ndarray:
+        """(n,) the person of each assigned face."""
+        return self.index.labels if self.index is not None else np.zeros(0, np.int64)
+
+    @property
     def faces(self) -> int:
-        return len(self.assigned_ids) + len(self.unassigned)
+        return len(self.assigned_ids) + len(self.pool_ids)
+
+    @property
+    def nbytes(self) -> int:
+        """What the copy holds in memory: the index (vectors, persons), the face ids, the pool."""
+        return ((self.index.nbytes if self.index is not None else 0) + self.assigned_ids.nbytes
+                + self.pool_ids.nbytes + self.pool_x.nbytes)
 
     def add(self, face_ids: np.ndarray, person_ids: np.ndarray, x: np.ndarray) -> None:
         if len(face_ids):
             if self.index is None:
-                self.index = faiss.IndexFlatIP(x.shape[1])
-            self.index.add(np.ascontiguousarray(x, dtype=np.float32))
+                self.index = FaceIndex(x.shape[1])
+            self.index.add(x, person_ids)
             self.assigned_ids = np.concatenate([self.assigned_ids, face_ids])
-            self.person_of = np.concatenate([self.person_of, person_ids])
 
 
 class ClusterWorker:
     def __init__(self, bus: Bus, sessions: sessionmaker[Session], stop: threading.Event, *,
                  max_distance: float = 0.0, top_k: int = TOP_K, min_faces: int = MIN_FACES,
-                 recluster_max_faces: int = RECLUSTER_MAX_FACES):
+                 recluster_max_faces: int = RECLUSTER_MAX_FACES, cache_mb: float = CACHE_MB):
         """``max_distance`` 0 takes the cut calibrated for each model version's embedder;
-        ``recluster_max_faces`` 0 files every user's faces incrementally."""
+        ``recluster_max_faces`` 0 files every user's faces incrementally; ``cache_mb`` bounds
+        the users' copies kept in memory (``FACECLUSTER_CLUSTER_CACHE_MB``)."""
         self.bus, self.sessions, self.stop = bus, sessions, stop
         self.max_distance, self.top_k, self.min_faces = max_distance, top_k, min_faces
         self.recluster_max_faces = recluster_max_faces
-        self.users: dict[str, _UserFaces] = {}
+        self.cache_limit = int(cache_mb * 2**20)
+        self.users: OrderedDict[str, _UserFaces] = OrderedDict()  # least recently used first
+        self.evictions = 0
         self._swept = time.monotonic()
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(state.nbytes for state in self.users.values())
+
+    def _keep(self, name: str, state: _UserFaces) -> None:
+        """Keep ``state`` as the most recently used copy and drop the least recently used
+        others until the copies fit in ``cache_limit``; a user who alone does not fit has been
+        served and is dropped too. A dropped user is read from the database again when their
+        next faces arrive: it costs time, never a different result."""
+        self.users[name] = state
+        self.users.move_to_end(name)
+        total = self.cache_bytes
+        while total > self.cache_limit and next(iter(self.users)) != name:
+            _, old = self.users.popitem(last=False)
+            total -= old.nbytes
+            self.evictions += 1
+        if total > self.cache_limit:
+            del self.users[name]
+            self.evictions += 1
+            log.warning("%s's copy (%.0f MB) is larger than the cache (FACECLUSTER_CLUSTER_CACHE_MB=%.0f): "
+                        "served, not kept", name, total / 2**20, self.cache_limit / 2**20)
 
     def cut(self, model_version: str) -> float:
         return self.max_distance or calibrated_distance(model_version)
@@ -157,48 +200,55 @@ class ClusterWorker:
 
     def _assign(self, state: _UserFaces, ids: np.ndarray, x: np.ndarray, photo_of: dict[int, int],
                 rejected: dict[int, set[int]] | None = None) -> dict[int, int]:
-        """face id -> person id for the new faces close enough to one person's faces; of two
-        faces of one photo that pick the same person, only the closer one joins it. A face never
-        picks a person it was rejected from (``rejected``: face id -> person ids, "not this
-        person"); the closest of the others may take it."""
+        """face id -> person id for the new faces close enough to one person's faces, by
+        ``facecore.assign``'s rule (of two faces of one photo that pick the same person only
+        the closer one joins; never a person the face was rejected from)."""
         rejected = rejected or {}
         if state.index is None or state.index.ntotal == 0 or not len(ids):
             return {}
-        cut = self.cut(state.model_version)
-        sims, idx = state.index.search(np.ascontiguousarray(x, dtype=np.float32), min(KNN, state.index.ntotal))
-        chosen: dict[tuple[int, int], tuple[int, float]] = {}  # (photo, person) -> (face, score)
-        for face_id, row_sims, row_idx in zip(ids, sims, idx):
-            best: dict[int, list[float]] = {}
-            never = rejected.get(int(face_id), ())
-            for sim, j in zip(row_sims, row_idx):  # nearest first
-                if j >= 0 and int(state.person_of[j]) not in never:
-                    near = best.setdefault(int(state.person_of[j]), [])
-                    if len(near) < self.top_k:
-                        near.append(float(sim))
-            if not best:
-                continue
-            person, score = max(((p, float(np.mean(s))) for p, s in best.items()), key=lambda ps: ps[1])
-            if score > 1.0 - cut:
-                key = (photo_of.get(int(face_id), -1 - int(face_id)), person)
-                if key not in chosen or score > chosen[key][1]:
-                    chosen[key] = (int(face_id), score)
-        return {face_id: person for (_, person), (face_id, _) in chosen.items()}
+        sims, idx = state.index.search(x, KNN)
+        person, score = assign(sims, idx, state.index.labels, self.cut(state.model_version), self.top_k,
+                               [rejected.get(int(f), ()) for f in ids])
+        photos = np.array([photo_of.get(int(f), -1 - int(f)) for f in ids], np.int64)
+        joins = one_per_photo(photos, person, score)
+        return dict(zip(ids[joins].tolist(), person[joins].tolist()))
 
-    def _new_persons(self, pool: dict[int, np.ndarray], photo_of: dict[int, int], model_version: str
-                     ) -> list[list[int]]:
+    def _new_persons(self, pool_ids: np.ndarray, pool_x: np.ndarray, new_ids: np.ndarray,
+                     photo_ids: Callable[[list[int]], dict[int, int]], model_version: str) -> list[list[int]]:
         """Groups of pooled faces, at most one per photo, that agree with each other well
-        enough to be a person."""
-        if len(pool) < self.min_faces:
+        enough to be a person, among the new faces and the pool faces near them.
+
+        The batch job's clustering (``facecore.cluster.cluster``: cut, ``min_faces``, one
+        person per photo) runs over the new faces of the pool, the pool faces among their
+        ``KNN`` nearest at ``LOOSE_SIMILARITY`` or more (what links faces into one component
+        there), and the pool faces close enough (``1 - cut``) to one of those that are close
+        enough to a new face. A pool face with no new face near it therefore cannot form a new
+        person this batch (clustering the whole pool would have let it); a pool that agreed
+        formed its person when its last face was new. Nothing else changes, and a batch costs
+        a search of the pool instead of clustering it all."""
+        fresh = np.isin(pool_ids, new_ids)
+        if len(pool_ids) < self.min_faces or not fresh.any():
             return []
-        ids = np.fromiter(pool, dtype=np.int64, count=len(pool))
-        photos = np.array([photo_of.get(int(i), -1 - k) for k, i in enumerate(ids)], np.int64)
-        labels = cluster(np.stack([pool[int(i)] for i in ids]), self.cut(model_version), min_size=self.min_faces,
-                         photos=photos)
+        cut = self.cut(model_version)
+        k = min(KNN, len(pool_ids))
+
+        def near(rows: np.ndarray, min_similarity: float) -> np.ndarray:
+            sims, idx = faiss.knn(pool_x[rows], pool_x, k, metric=faiss.METRIC_INNER_PRODUCT)
+            return np.unique(idx[(sims >= min_similarity) & (idx >= 0)])
+
+        new_rows = np.flatnonzero(fresh)
+        close = np.setdiff1d(near(new_rows, 1.0 - cut), new_rows)
+        rows = np.union1d(np.union1d(new_rows, near(new_rows, LOOSE_SIMILARITY)),
+                          near(close, 1.0 - cut) if len(close) else close)
+        ids = pool_ids[rows]
+        photo_of = photo_ids(ids.tolist())
+        photos = np.array([photo_of.get(int(i), -1 - j) for j, i in enumerate(ids)], np.int64)
+        labels = cluster(pool_x[rows], cut, min_size=self.min_faces, photos=photos)
         return [sorted(int(i) for i in ids[labels == label]) for label in np.unique(labels[labels >= 0])]
 
     def _small(self, state: _UserFaces, new_ids: np.ndarray) -> bool:
         """Whether the user, with ``new_ids``, has at most ``recluster_max_faces`` faces."""
-        added = sum(int(i) not in state.unassigned for i in new_ids)
+        added = int(np.isin(new_ids, state.pool_ids, invert=True).sum())
         return state.faces + added <= self.recluster_max_faces
 
     def _recluster(self, session: Session, name: str, user_id: int, revision: int, partition: int, version: str,
@@ -232,7 +282,7 @@ class ClusterWorker:
             session.rollback()
             raise _Raced(f"clustering revision {revision} -> {now}")
         session.commit()
-        self.users[name] = _UserFaces.of(partition, version, now, ids, x, links)
+        self._keep(name, _UserFaces.of(partition, version, now, ids, x, links))
         return sum(int(f) in links for f in new_ids), len(set(person_of.values()) - before)
 
     def _update_user(self, name: str, partition: int, face_ids: set[int], *, reclustering: bool = True
@@ -248,6 +298,8 @@ class ClusterWorker:
             for version in sorted(set(versions)):
                 rows = np.array([v == version for v in versions])
                 state = self.users.get(name)
+                if state is not None:
+                    self.users.move_to_end(name)
                 if (state is None or state.model_version != version
                         or state.revision != user.clustering_revision):
                     state = _UserFaces.load(session, user, partition, version)
@@ -259,14 +311,17 @@ class ClusterWorker:
                     if done is not None:
                         seen, linked, made = seen + len(new_ids), linked + done[0], made + done[1]
                         continue
-                photo_of = repo.face_photo_ids(session, user.id, [*new_ids.tolist(), *state.unassigned])
+                photo_of = repo.face_photo_ids(session, user.id, new_ids.tolist())
                 rejected = persons_repo.rejected_persons(session, user.id, new_ids.tolist())
                 wanted = self._assign(state, new_ids, new_x, photo_of, rejected)
                 links = person_service.link_new_faces(session, user.id, wanted)
-                pool = {i: v for i, v in state.unassigned.items() if i not in links}
-                pool.update((int(i), v) for i, v in zip(new_ids, new_x) if int(i) not in links)
+                waiting = np.array([int(i) not in links for i in new_ids], bool)
+                old = ~np.isin(state.pool_ids, new_ids)  # a face announced again is in new_ids
+                pool_ids = np.concatenate([state.pool_ids[old], new_ids[waiting]])
+                pool_x = np.concatenate([state.pool_x[old], np.asarray(new_x[waiting], np.float32)])
                 persons = []
-                for group in self._new_persons(pool, photo_of, version):
+                for group in self._new_persons(pool_ids, pool_x, new_ids,
+                                               lambda f: repo.face_photo_ids(session, user.id, f), version):
                     person_id, members = person_service.new_person(session, user.id, group)
                     persons.append((person_id, group, members))
                 session.commit()
@@ -281,11 +336,15 @@ class ClusterWorker:
                     by_id = dict(zip(new_ids.tolist(), new_x))
                     state.add(np.fromiter(links, np.int64), np.fromiter(links.values(), np.int64),
                               np.stack([by_id[f] for f in links]))
-                for person_id, group, _ in persons:
-                    state.add(np.array(group, np.int64), np.full(len(group), person_id, np.int64),
-                              np.stack([pool.pop(f) for f in group]))
-                state.unassigned = pool
-                self.users[name] = state
+                if persons:
+                    row_of = {int(f): r for r, f in enumerate(pool_ids)}
+                    for person_id, group, _ in persons:
+                        state.add(np.array(group, np.int64), np.full(len(group), person_id, np.int64),
+                                  pool_x[[row_of[f] for f in group]])
+                    left = ~np.isin(pool_ids, [f for _, group, _ in persons for f in group])
+                    pool_ids, pool_x = pool_ids[left], pool_x[left]
+                state.pool_ids, state.pool_x = pool_ids, pool_x
+                self._keep(name, state)
         return seen, linked, made
 
     def _update_user_racing(self, name: str, partition: int, face_ids: set[int]) -> tuple[int, int, int]:
@@ -327,7 +386,7 @@ def main(stop: threading.Event, argv: list[str] | None = None) -> int:
         parser.add_argument("--min-faces", type=int, default=settings.min_cluster_size,
                             help="faces that make a new person (default: FACECLUSTER_MIN_CLUSTER_SIZE, %(default)s, "
                             "the batch job's)")
-        describe_settings(parser)
+        describe_settings(parser, Settings, ClusterWorkerSettings)
 
     settings = Settings()
     args = worker_args("python -m services.cluster_worker", __doc__.split("\n\n")[0], GROUP,
@@ -336,7 +395,8 @@ def main(stop: threading.Event, argv: list[str] | None = None) -> int:
     def build(bus: Bus, sessions: sessionmaker[Session], resources: ExitStack):
         worker = ClusterWorker(bus, sessions, stop, max_distance=settings.cluster_threshold,
                                top_k=args.top_k, min_faces=args.min_faces,
-                               recluster_max_faces=settings.recluster_max_faces)
+                               recluster_max_faces=settings.recluster_max_faces,
+                               cache_mb=ClusterWorkerSettings().cluster_cache_mb)
         return Hooks(worker.handle, worker.on_revoke, worker.sweep)
 
     return run_worker(settings, stop, busmod.INDEXED, args.group, build, log)

@@ -51,6 +51,9 @@ VECTORS = {
     "r1": unit(e12=1),
     "r2": unit(e12=0.9, e13=np.sqrt(0.19)),
     "m": unit(e10=0.75, e12=0.6),
+    # p3 and p4 agree with P' too (cosine 0.62 to 0.95)
+    "p3": unit(e10=0.9, e11=-np.sqrt(0.19)),
+    "p4": unit(e10=0.95, e14=np.sqrt(1 - 0.95**2)),
 }
 
 
@@ -74,13 +77,14 @@ def ann(db_engine):
         s.commit()
 
 
-def upload(sessions, name: str, photo: str) -> int:
-    """Store one photo of one face, as the ingest worker does; its face id."""
+def upload(sessions, name: str, photo: str, vector: np.ndarray | None = None) -> int:
+    """Store one photo of one face (``VECTORS[photo]`` unless given), as the ingest worker
+    does; its face id."""
     with sessions() as s:
         user = repo.find_user(s, name)
         saved = repo.save_photo_result(s, user.id, f"{photo}.jpg", PhotoResult(
             key=photo, sha256=hashlib.sha256(f"{name}/{photo}".encode()).hexdigest(), width=200, height=200,
-            faces=[record(VECTORS[photo])]))
+            faces=[record(VECTORS[photo] if vector is None else vector)]))
         s.commit()
         return saved.face_ids[0]
 
@@ -240,4 +244,110 @@ def test_a_small_user_is_reclustered_by_the_batch_jobs_rule(ann):
 
     cluster_user(sessions, name, MODEL)
     assert persons(sessions, name) == after
+    bus.close()
+
+
+def test_a_pool_face_with_no_new_face_near_it_forms_no_person_until_one_arrives(ann):
+    """The unassigned pool is clustered around the new faces only. p1, p2, p3 agree but wait
+    in the pool (a worker that wants 4 faces for a person). A worker that wants 3 then gets a
+    far face b1: p1-p3 form no person (clustering the whole pool would have made one); a face
+    near them, p4, makes them a person, with p4."""
+    sessions, name = ann
+    bus = busmod.connect(f"memory://cache-{uuid.uuid4().hex}")
+    bus.ensure_topics()
+    faces = {p: upload(sessions, name, p) for p in ("p1", "p2", "p3")}
+    ClusterWorker(bus, sessions, threading.Event(), recluster_max_faces=0, min_faces=4).handle(
+        [event(name, list(faces.values()), 0)])
+    assert persons(sessions, name) == {}
+
+    worker = ClusterWorker(bus, sessions, threading.Event(), recluster_max_faces=0, min_faces=3)
+    faces["b1"] = upload(sessions, name, "b1")
+    worker.handle([event(name, [faces["b1"]], 1)])
+    assert persons(sessions, name) == {}
+    assert sorted(worker.users[name].pool_ids.tolist()) == sorted(faces.values())
+    faces["p4"] = upload(sessions, name, "p4")
+    worker.handle([event(name, [faces["p4"]], 2)])
+    assert sorted(persons(sessions, name).values()) == [{faces[p] for p in ("p1", "p2", "p3", "p4")}]
+    assert worker.users[name].pool_ids.tolist() == [faces["b1"]]
+    bus.close()
+
+
+def library(seed: int, rounds: int, per_round: int) -> list[list[tuple[str, np.ndarray]]]:
+    """A user's uploads in rounds: (photo key, vector), faces of 4 persons (cosine about 0.7
+    within, about 0 across) and a few faces of nobody else."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((4, 128))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = []
+    for r in range(rounds):
+        batch = []
+        for j in range(per_round):
+            base = centres[j % 4] if j % 5 else rng.standard_normal(128)
+            v = base / np.linalg.norm(base) + rng.standard_normal(128) * 0.6 / np.sqrt(128)
+            batch.append((f"s{seed}-r{r}-f{j}", (v / np.linalg.norm(v)).astype(np.float32)))
+        out.append(batch)
+    return out
+
+
+def albums(sessions, name: str) -> set[frozenset[str]]:
+    """The user's persons as sets of photo keys (face ids differ between users)."""
+    with sessions() as s:
+        user = repo.find_user(s, name)
+        key = dict(s.execute(sa.text("select f.id, p.uri from faces f join photos p on p.id = f.photo_id "
+                                     "where p.user_id = :u"), {"u": user.id}).all())
+    return {frozenset(key[f] for f in members) for members in persons(sessions, name).values()}
+
+
+def test_the_cache_stays_within_its_bytes_and_evicted_users_give_the_same_albums(ann):
+    """Six users' uploads in four rounds go to a worker whose cache holds about three users and
+    the same uploads of six other users to an unbounded one: the bounded cache never holds more
+    than its bound, users are dropped and read again, and every user ends with the albums
+    the unbounded worker gave their twin."""
+    sessions, name = ann
+    bus = busmod.connect(f"memory://cache-{uuid.uuid4().hex}")
+    bus.ensure_topics()
+    rounds, per_round, users = 4, 6, 6
+    per_user = rounds * per_round * (128 * 4 + 16)  # vector, face id and person id (or pool id)
+    bounded = ClusterWorker(bus, sessions, threading.Event(), recluster_max_faces=0,
+                            cache_mb=3 * per_user / 2**20)
+    unbounded = ClusterWorker(bus, sessions, threading.Event(), recluster_max_faces=0)
+    twins = [(f"{name}-b{k}", f"{name}-u{k}") for k in range(users)]
+    try:
+        with sessions() as s:
+            for pair in twins:
+                for user in pair:
+                    repo.get_or_create_user(s, user)
+            s.commit()
+        uploads = [library(k, rounds, per_round) for k in range(users)]
+        offset = 0
+        for r in range(rounds):
+            for k, pair in enumerate(twins):
+                for worker, user in zip((bounded, unbounded), pair):
+                    ids = [upload(sessions, user, key, v) for key, v in uploads[k][r]]
+                    worker.handle([event(user, ids, offset)])
+                    offset += 1
+                assert bounded.cache_bytes <= bounded.cache_limit
+        assert bounded.evictions > 0 and len(bounded.users) < users == len(unbounded.users)
+        for b, u in twins:
+            assert albums(sessions, b) == albums(sessions, u)
+            assert len(albums(sessions, b)) >= 4
+    finally:
+        with sessions() as s:
+            s.execute(sa.delete(User).where(User.name.in_([n for pair in twins for n in pair])))
+            s.commit()
+        bus.close()
+
+
+def test_a_user_larger_than_the_cache_is_served_and_not_kept(ann):
+    sessions, name = ann
+    bus = busmod.connect(f"memory://cache-{uuid.uuid4().hex}")
+    bus.ensure_topics()
+    worker = ClusterWorker(bus, sessions, threading.Event(), recluster_max_faces=0, cache_mb=1000 / 2**20)
+    faces = {p: upload(sessions, name, p) for p in ("a1", "a2")}
+    worker.handle([event(name, list(faces.values()), 0)])
+    assert sorted(persons(sessions, name).values()) == [set(faces.values())]
+    assert worker.users == {} and worker.evictions == 1
+    faces["n"] = upload(sessions, name, "n")
+    worker.handle([event(name, [faces["n"]], 1)])  # read again, and filed against a1 and a2
+    assert sorted(persons(sessions, name).values()) == [set(faces.values())]
     bus.close()
