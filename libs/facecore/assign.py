@@ -9,12 +9,16 @@ photo that pick the same person only the closest joins (``one_per_photo``). The 
 worker files faces by it; benchmarks measure it.
 
 ``FaceIndex`` holds a user's assigned faces with their persons. Up to ``EXACT_MAX_FACES`` it
-is exact (IndexFlatIP); beyond that one face's exact search grows with the library (about
-13 ms at a million faces on one core), so the faces move into an inverted-file index
-(IndexIVFFlat) trained on the faces it holds at that moment (when a big user is loaded, all
-of them), trained again each time it has grown ``RETRAIN_GROWTH``-fold, and searched in
-``NPROBE`` of its lists: well under a millisecond at a million faces. docs/BENCHMARKS.md
-has the measurements and how often the approximate search changes the person decision.
+is exact (IndexFlatIP, about 1 ms a face there on one core). Beyond, one face's exact search
+grows with the library, so the faces also get 4-bit product-quantised codes (IndexPQFastScan,
+32 bytes a face, codebooks trained on the faces held at that moment: all of them when a big
+user is loaded, again each time they have grown ``RETRAIN_GROWTH``-fold); a search scans the
+codes of all faces and re-ranks the best ``k * K_FACTOR`` by their exact vectors, so every
+similarity it returns is exact and only a neighbour the scan ranked too low can be missed.
+An inverted-file index (IVF) and HNSW were tried first: on synthetic faces shaped like
+SFace's they missed a quarter of the neighbours above the cut at 5 % of the lists probed (IVF)
+and 8 % at efSearch 256 (HNSW), and changed the person decision for 8-16 % of faces;
+the scan misses 1 in 1,500 of those neighbours. docs/BENCHMARKS.md has the measurements.
 """
 
 from __future__ import annotations
