@@ -223,23 +223,25 @@ class ClusterWorker:
         ``KNN`` nearest at ``LOOSE_SIMILARITY`` or more (what links faces into one component
         there), and the pool faces close enough (``1 - cut``) to one of those that are close
         enough to a new face. A pool face with no new face near it therefore cannot form a new
-        person this batch (clustering the whole pool would have let it); a pool that agreed
-        formed its person when its last face was new. Nothing else changes, and a batch costs
-        a search of the pool instead of clustering it all."""
+        person this batch (clustering the whole pool would have let it); pool faces that agree
+        were normally clustered together when the last of them was new. Nothing else changes,
+        and a batch costs a search of the pool instead of clustering it all."""
         fresh = np.isin(pool_ids, new_ids)
         if len(pool_ids) < self.min_faces or not fresh.any():
             return []
         cut = self.cut(model_version)
         k = min(KNN, len(pool_ids))
 
-        def near(rows: np.ndarray, min_similarity: float) -> np.ndarray:
-            sims, idx = faiss.knn(pool_x[rows], pool_x, k, metric=faiss.METRIC_INNER_PRODUCT)
-            return np.unique(idx[(sims >= min_similarity) & (idx >= 0)])
+        def near(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return faiss.knn(pool_x[rows], pool_x, k, metric=faiss.METRIC_INNER_PRODUCT)
 
         new_rows = np.flatnonzero(fresh)
-        close = np.setdiff1d(near(new_rows, 1.0 - cut), new_rows)
-        rows = np.union1d(np.union1d(new_rows, near(new_rows, LOOSE_SIMILARITY)),
-                          near(close, 1.0 - cut) if len(close) else close)
+        sims, idx = near(new_rows)
+        rows = np.union1d(new_rows, idx[(sims >= LOOSE_SIMILARITY) & (idx >= 0)])
+        close = np.setdiff1d(idx[(sims >= 1.0 - cut) & (idx >= 0)], new_rows)
+        if len(close):
+            sims, idx = near(close)
+            rows = np.union1d(rows, idx[(sims >= 1.0 - cut) & (idx >= 0)])
         ids = pool_ids[rows]
         photo_of = photo_ids(ids.tolist())
         photos = np.array([photo_of.get(int(i), -1 - j) for j, i in enumerate(ids)], np.int64)
