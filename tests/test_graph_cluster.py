@@ -76,3 +76,47 @@ def test_memory_stays_linear_in_edges():
     labels = gc.sparse_cluster(g.x, 0.56, k=16, photos=g.photo)
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert len(labels) == 12_000 and grew_mb < 200
+
+
+def test_cell_edges_probing_every_cell_finds_every_pair_at_the_threshold():
+    g = generate(3000, seed=5)
+    a, b, s = gc.cell_edges(g.x, 0.44, cap=3000, cell_size=300, probe=10)
+    sim = g.x @ g.x.T
+    i, j = np.nonzero(np.triu(sim >= 0.44, 1))
+    assert set(zip(a.tolist(), b.tolist())) == set(zip(i.tolist(), j.tolist()))
+    assert np.allclose(s, sim[a, b], atol=1e-5)
+    # each face keeps at most cap pairs of each cell it probes, the most similar ones
+    a, b, s = gc.cell_edges(g.x, 0.44, cap=2, cell_size=300, probe=10)
+    assert 0 < len(a) <= len(g.x) * 2 * 10
+    assert set(zip(a.tolist(), b.tolist())) <= set(zip(i.tolist(), j.tolist()))
+    best = sim.copy()
+    np.fill_diagonal(best, -1)
+    top = np.argmax(best, 1)
+    has = best.max(1) >= 0.44
+    assert {(min(f, t), max(f, t)) for f, t in zip(np.flatnonzero(has), top[has])} <= set(zip(a.tolist(), b.tolist()))
+
+
+def test_the_cells_path_is_exact_average_linkage_when_its_graph_is_complete():
+    """Components of the graph at the cut, then exact linkage per component (those up to
+    BATCH_MAX faces in one vectorised call): with every pair at the cut in the graph, that
+    is scipy's average linkage of all faces."""
+    for seed in range(2):
+        g = generate(3000, seed=seed)
+        exact = fcluster(linkage(g.x.astype(np.float64), "average", "cosine"), t=0.56, criterion="distance")
+        ours = gc.graph_cluster(g.x, 0.56, k=3000, exact_max=0, cell_size=300, probe=10)
+        assert same_partition(ours, exact)
+
+
+def test_the_cells_path_splits_an_oversized_component_and_keeps_one_face_per_photo():
+    g = generate(3000, seed=6)
+    labels = gc.graph_cluster(g.x, 0.56, exact_max=0, dense_max=100, cell_size=300, probe=4, photos=g.photo)
+    assert (labels >= 0).all()
+    key = labels * (g.photo.max() + 1) + g.photo
+    assert len(np.unique(key)) == len(key)
+    # every cluster of the split is still a cluster that average linkage would accept: its
+    # faces' mean pairwise similarity reaches the cut
+    for c in np.unique(labels):
+        m = np.flatnonzero(labels == c)
+        if len(m) > 1:
+            sim = g.x[m] @ g.x[m].T
+            assert sim[np.triu_indices(len(m), 1)].mean() >= 0.44 - 1e-6
