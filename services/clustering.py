@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from facecore.cluster import calibrated_distance, cluster
+from facecore.cluster import calibrated_distance
+from facecore.graph_cluster import graph_cluster
 from facecore.settings import Settings
 
 from .persons import service as person_service
@@ -44,7 +45,8 @@ def recluster(session: Session, user_id: int, face_ids: np.ndarray, x: np.ndarra
     no person. Returns (face id -> cluster label for the faces in a cluster, label -> person id)."""
     photo_of = repo.face_photo_ids(session, user_id, face_ids)
     photos = np.array([photo_of[int(f)] for f in face_ids], np.int64)
-    labels = cluster(x, cut, min_size=min_size, photos=photos)
+    # cluster.cluster's labels up to 20,000 faces; bounded memory and time beyond (a million faces)
+    labels = graph_cluster(x, cut, min_size=min_size, photos=photos)
     assigned = {int(f): int(l) for f, l in zip(face_ids, labels) if l >= 0}
     return assigned, person_service.apply_clustering(session, user_id, assigned)
 
