@@ -96,13 +96,21 @@ def test_cell_edges_probing_every_cell_finds_every_pair_at_the_threshold():
     assert {(min(f, t), max(f, t)) for f, t in zip(np.flatnonzero(has), top[has])} <= set(zip(a.tolist(), b.tolist()))
 
 
-def test_the_cells_path_is_exact_average_linkage_when_its_graph_is_complete():
-    """Components of the graph at the cut, then exact linkage per component (those up to
-    BATCH_MAX faces in one vectorised call): with every pair at the cut in the graph, that
-    is scipy's average linkage of all faces."""
+def test_the_cells_path_is_exact_average_linkage_per_component_when_its_graph_is_complete():
+    """Components of the pairs at 0.5 (the first of cluster.cluster's steps at or above the
+    cut's 0.44), then exact linkage per component (those up to BATCH_MAX faces in one
+    vectorised call): with every such pair in the graph, scipy's average linkage of each
+    component of the full similarity matrix."""
+    from scipy.sparse.csgraph import connected_components
     for seed in range(2):
         g = generate(3000, seed=seed)
-        exact = fcluster(linkage(g.x.astype(np.float64), "average", "cosine"), t=0.56, criterion="distance")
+        sim = g.x @ g.x.T
+        np.fill_diagonal(sim, 0)
+        comp = connected_components(sim >= 0.5, directed=False)[1]
+        exact = np.zeros(len(g.x), np.int64)
+        for c in np.unique(comp):
+            m = np.flatnonzero(comp == c)
+            exact[m] = c * len(g.x) + (fc.average_linkage(g.x[m], 0.56) if len(m) > 1 else 0)
         ours = gc.graph_cluster(g.x, 0.56, k=3000, exact_max=0, cell_size=300, probe=10)
         assert same_partition(ours, exact)
 

@@ -61,9 +61,9 @@ CELL_SIZE = 1000
 CELL_PROBE = 8
 CELL_TRAIN = 32
 SEARCH_BLOCK = 16384
-# an oversized component of the cut's graph is split at this much higher similarity each
-# time, up to SPLIT_MAX (cluster.cluster steps 0.1 from its loose similarity)
-SPLIT_STEP = 0.05
+# an oversized component is split at this much higher similarity each time, up to SPLIT_MAX
+# (cluster.cluster's steps from its loose similarity)
+SPLIT_STEP = 0.1
 SPLIT_MAX = 0.9
 # components up to this many faces are linked together in one vectorised call
 BATCH_MAX = 64
@@ -98,7 +98,8 @@ def cell_edges(x: np.ndarray, min_similarity: float, *, cap: int = KNN, cell_siz
     faces are cut into cells of about ``cell_size`` by spherical k-means, and each face is
     compared with the faces of its ``probe`` nearest cells, as one matrix product per cell
     (the faces that probe it against the faces in it), the cells in faiss's thread count
-    of threads. A face keeps its ``cap`` most similar pairs of each cell.
+    of threads. A face keeps its ``cap`` most similar pairs (as a kNN graph with k = cap
+    keeps its edges at the cut; an edge is kept when either face keeps it).
     -> undirected edges (a < b, each once) and their cosine.
 
     A matrix product and a threshold instead of a kNN index's per-query heaps: on two cores
@@ -153,6 +154,12 @@ def cell_edges(x: np.ndarray, min_similarity: float, *, cap: int = KNN, cell_siz
     b = np.concatenate([p[1] for p in parts])
     s = np.concatenate([p[2] for p in parts])
     del parts
+    # each face's cap most similar over all its cells: the kNN graph's edges at the cut
+    order = np.lexsort((-s, a))
+    a, b, s = a[order], b[order], s[order]
+    count = np.bincount(a, minlength=n)
+    keep = np.arange(len(a)) - (np.cumsum(count) - count)[a] < cap
+    a, b, s = a[keep], b[keep], s[keep]
     key = np.minimum(a, b) * n + np.maximum(a, b)
     del a, b
     key, first = np.unique(key, return_index=True)
@@ -343,14 +350,18 @@ def _cluster_exact_knn(x: np.ndarray, max_distance: float, k: int, loose_similar
 
 def _cluster_cells(x: np.ndarray, max_distance: float, k: int, dense_max: int, cell_size: int,
                    probe: int) -> np.ndarray:
-    """Average linkage per component of the graph of pairs at the cut (``cell_edges``):
-    a component of one or two faces is a cluster as it is (its pair is at the cut), up to
-    ``dense_max`` faces exact linkage of its matrix. A larger one (look-alikes chained
-    together) is split again by its own edges at a similarity ``SPLIT_STEP`` higher each
-    time, as ``cluster.cluster`` splits an oversized component, until its parts fit; the
-    sparse step takes a part that still does not at ``SPLIT_MAX``."""
+    """Average linkage per component of ``cell_edges``' graph, as ``cluster.cluster`` runs it
+    on a large user: there the components at the loose similarity and every 0.1 above it
+    stay over ``dense_max`` faces (LFW-dev's 6,958: 6,958, 6,954, 5,624) up to the first
+    step at or above the cut's similarity (0.5 for the cut 0.56; 237 faces at most), and
+    exact linkage runs inside those. So the graph here keeps the pairs at that similarity;
+    a component of one or two faces is a cluster as it is, up to ``dense_max`` faces exact
+    linkage of its matrix, and a larger one is split again by its own edges 0.1 higher
+    each time, until its parts fit; the sparse step takes a part that still does not at
+    ``SPLIT_MAX``."""
+    start = _first_step_at_or_above(1.0 - max_distance)
     n = len(x)
-    a, b, s = cell_edges(x, 1.0 - max_distance, cap=k, cell_size=cell_size, probe=probe)
+    a, b, s = cell_edges(x, start, cap=k, cell_size=cell_size, probe=probe)
     comp = _components(n, a, b)
     size = np.bincount(comp)
     labels = comp.copy()  # components of one or two faces keep their number
@@ -360,7 +371,7 @@ def _cluster_cells(x: np.ndarray, max_distance: float, k: int, dense_max: int, c
     on_big = big[comp[a]]
     a, b, s = a[on_big], b[on_big], s[on_big]
     small = []  # parts of at most BATCH_MAX faces, linked together at the end
-    stack = [(g, 1.0 - max_distance) for g in _groups(comp, np.flatnonzero(big[comp]))]
+    stack = [(g, start) for g in _groups(comp, np.flatnonzero(big[comp]))]
     while stack:
         members, sim = stack.pop()
         m = len(members)
@@ -385,6 +396,12 @@ def _cluster_cells(x: np.ndarray, max_distance: float, k: int, dense_max: int, c
     if small:
         labels[np.concatenate(small)] = _batched_average_linkage(x, small, max_distance) + next_label
     return labels
+
+
+def _first_step_at_or_above(similarity: float) -> float:
+    """The first of LOOSE_SIMILARITY + SPLIT_STEP * j (cluster.cluster's split steps) at or
+    above ``similarity``."""
+    return LOOSE_SIMILARITY + SPLIT_STEP * max(0, int(np.ceil((similarity - LOOSE_SIMILARITY) / SPLIT_STEP - 1e-9)))
 
 
 def _batched_average_linkage(x: np.ndarray, groups: list[np.ndarray], max_distance: float) -> np.ndarray:
