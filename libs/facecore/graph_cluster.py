@@ -27,13 +27,15 @@ and no step loops over all faces once per component:
 
 Above ``EXACT_MAX_FACES`` faces an exact kNN search costs n^2 d, so step 1 changes:
 ``cell_edges`` cuts the faces into cells of about ``CELL_SIZE`` by spherical k-means and
-compares each cell with the faces of its ``CELL_PROBE`` nearest cells as one matrix
-product, keeping every pair at or above the cut's similarity (at most ``KNN`` per face,
-the most similar). Components of that threshold graph are exact for average linkage:
-two clusters with no pair at the cut between them average below it and never merge. So
-every component up to ``dense_max`` faces gets exact average linkage of its faces, and
-only a larger one the sparse step. What is approximate is the graph: a pair whose faces
-sit in cells that are not probed is missed (benchmarks/scale.py measures the recall).
+compares each face with the faces of its ``CELL_PROBE`` nearest cells, one matrix product
+per cell, keeping each face's ``KNN`` most similar pairs at or above a similarity: the kNN
+graph's edges there. On a user that large, ``cluster.cluster``'s components stay above
+``dense_max`` faces at its loose similarity and each 0.1 step up to the first step at or
+above the cut's similarity (0.5 for the cut 0.56), so the graph keeps the pairs from that
+step; its components up to ``dense_max`` faces get exact average linkage of their faces,
+larger ones are split 0.1 higher again, and only a part still too large at ``SPLIT_MAX``
+gets the sparse step. What is approximate is the graph: a pair whose faces sit in cells
+that are not probed is missed (benchmarks/scale.py measures the recall).
 
 ``sparse_cluster`` is step 2 alone on the whole kNN graph (no components, no dense step).
 """
