@@ -15,6 +15,13 @@ labelled with their clusters, and each held-out face is searched alone (one quer
 as a face arriving at the cluster worker is) and filed by ``facecore.assign.assign``.
 ``assign_p50_ms``/``assign_p99_ms`` are the per-face latencies of that search and decision.
 
+``--lfw-vectors`` instead writes LFW-dev's clusters by each path for the independent scorer
+(``lfw_score.py clusters IMAGES FACES.csv``): ``cluster.cluster`` (today's), ``graph_cluster``
+as it runs there (exact kNN) and ``graph_cluster`` with the cells path forced (the path of
+users above 20,000 faces)::
+
+    python benchmarks/scale.py --lfw-vectors out/scale/lfw_dev_sface.npz --lfw-images DIR --out out/scale
+
 ``--recall`` compares the graph with exact search for a sample of faces: the share of the
 pairs at or above the cut's similarity that the cells found, and of those of one person.
 """
@@ -97,6 +104,29 @@ def assign_latency(x: np.ndarray, labels: np.ndarray, new: np.ndarray, max_dista
             "assign_index_build_s": round(build_s, 2)}
 
 
+def lfw_paths(vectors: Path, images: Path, out: Path, cut: float) -> None:
+    """LFW-dev's faces (benchmarks/synth_faces.py extract) clustered by each path -> FACES.csv files."""
+    import csv
+
+    from facecore.cluster import cluster
+    d = np.load(vectors)
+    x, photo = d["x"].astype(np.float32), d["photo"]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"exact": lambda: cluster(x, cut, photos=photo), "graph": lambda: gc.graph_cluster(x, cut, photos=photo),
+             "cells": lambda: gc.graph_cluster(x, cut, photos=photo, exact_max=0)}
+    root = str(images.resolve())
+    for name, run in paths.items():
+        labels = run()
+        path = out / f"lfw_{name}_faces.csv"
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["photo", "x1", "y1", "x2", "y2", "person"])
+            for uri, box, label in zip(d["uri"], d["box"], labels):
+                rel = str(uri).removeprefix("file://").removeprefix(root).lstrip("/")
+                w.writerow([rel, *(float(v) for v in box), int(label) if label >= 0 else ""])
+        print(f"{name}: {len(np.unique(labels))} clusters -> lfw_score.py clusters {images} {path}")
+
+
 def reset_peak_rss() -> None:
     """Linux: make the peak RSS start again from the current RSS (no-op elsewhere)."""
     try:
@@ -116,7 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recall", action="store_true",
                     help="also measure the graph's recall against exact search (slow: builds the graph again)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    ap.add_argument("--lfw-vectors", type=Path, help="LFW-dev's SFace vectors (.npz of synth_faces.py extract): "
+                    "write each path's clusters for lfw_score.py instead")
+    ap.add_argument("--lfw-images", type=Path, help="the LFW-dev images folder the vectors were indexed from")
+    ap.add_argument("--out", type=Path, default=Path("out/scale"), help="folder for --lfw-vectors' FACES.csv files")
     args = ap.parse_args(argv)
+    if args.lfw_vectors:
+        if not args.lfw_images:
+            ap.error("--lfw-vectors needs --lfw-images")
+        return lfw_paths(args.lfw_vectors, args.lfw_images, args.out, args.cut)
     faiss.omp_set_num_threads(args.threads)
     g = generate(args.faces, args.seed)
     rng = np.random.default_rng(args.seed + 1)
