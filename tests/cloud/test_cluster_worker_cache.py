@@ -54,6 +54,11 @@ VECTORS = {
     # p3 and p4 agree with P' too (cosine 0.62 to 0.95)
     "p3": unit(e10=0.9, e11=-np.sqrt(0.19)),
     "p4": unit(e10=0.95, e14=np.sqrt(1 - 0.95**2)),
+    # a chain: h0 0.76 to h1, h1 0.75 to h2, h0 only 0.15 to h2 (average linkage joins all three)
+    "h0": unit(e30=0.76, e31=np.sqrt(1 - 0.76**2)),
+    "h1": unit(e30=1),
+    "h2": unit(e30=0.75, e31=(0.15 - 0.75 * 0.76) / np.sqrt(1 - 0.76**2),
+               e32=np.sqrt(1 - 0.75**2 - ((0.15 - 0.75 * 0.76) / np.sqrt(1 - 0.76**2)) ** 2)),
 }
 
 
@@ -269,6 +274,24 @@ def test_a_pool_face_with_no_new_face_near_it_forms_no_person_until_one_arrives(
     worker.handle([event(name, [faces["p4"]], 2)])
     assert sorted(persons(sessions, name).values()) == [{faces[p] for p in ("p1", "p2", "p3", "p4")}]
     assert worker.users[name].pool_ids.tolist() == [faces["b1"]]
+    bus.close()
+
+
+def test_a_new_face_forms_a_person_with_pool_faces_that_only_its_neighbour_is_close_to(ann):
+    """h1 and h2 wait in the pool; the new face h0 is close to h1 but not to h2 (0.15, below
+    the loose similarity): h2 is clustered with them because h1, close to h0, is close to it,
+    and average linkage makes the three one person, as clustering the whole pool would."""
+    sessions, name = ann
+    bus = busmod.connect(f"memory://cache-{uuid.uuid4().hex}")
+    bus.ensure_topics()
+    faces = {p: upload(sessions, name, p) for p in ("h1", "h2")}
+    ClusterWorker(bus, sessions, threading.Event(), recluster_max_faces=0, min_faces=4).handle(
+        [event(name, list(faces.values()), 0)])
+    assert persons(sessions, name) == {}
+    faces["h0"] = upload(sessions, name, "h0")
+    ClusterWorker(bus, sessions, threading.Event(), recluster_max_faces=0, min_faces=3).handle(
+        [event(name, [faces["h0"]], 1)])
+    assert sorted(persons(sessions, name).values()) == [set(faces.values())]
     bus.close()
 
 
