@@ -11,9 +11,10 @@ import pytest
 from deploytools import OVERLAYS, REPO, Container, containers, environment, raw_documents
 from facecore.settings import Settings
 from services.runner import REQUIRED, env_name, missing_settings
-from services.settings import ServiceSettings
+from services.settings import ClusterWorkerSettings, ServiceSettings
 
-KNOWN = {env_name(f) for f in (*Settings.model_fields, *ServiceSettings.model_fields)} | {"FACECLUSTER_CONFIG"}
+KNOWN = {env_name(f) for f in (*Settings.model_fields, *ServiceSettings.model_fields,
+                                *ClusterWorkerSettings.model_fields)} | {"FACECLUSTER_CONFIG"}
 
 # What each process reads beyond what every bus worker refuses to start without (runner.REQUIRED).
 # Paths among them must be inside a volume the container mounts.
