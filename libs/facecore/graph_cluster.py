@@ -361,7 +361,7 @@ def _cluster_cells(x: np.ndarray, max_distance: float, k: int, dense_max: int, c
     linkage of its matrix, and a larger one is split again by its own edges 0.1 higher
     each time, until its parts fit; the sparse step takes a part that still does not at
     ``SPLIT_MAX``."""
-    start = _first_step_at_or_above(1.0 - max_distance)
+    start = cells_similarity(max_distance)
     n = len(x)
     a, b, s = cell_edges(x, start, cap=k, cell_size=cell_size, probe=probe)
     comp = _components(n, a, b)
@@ -400,9 +400,10 @@ def _cluster_cells(x: np.ndarray, max_distance: float, k: int, dense_max: int, c
     return labels
 
 
-def _first_step_at_or_above(similarity: float) -> float:
-    """The first of LOOSE_SIMILARITY + SPLIT_STEP * j (cluster.cluster's split steps) at or
-    above ``similarity``."""
+def cells_similarity(max_distance: float) -> float:
+    """The similarity from which the cells path keeps pairs: the first of
+    LOOSE_SIMILARITY + SPLIT_STEP * j (cluster.cluster's split steps) at or above the cut's."""
+    similarity = 1.0 - max_distance
     return LOOSE_SIMILARITY + SPLIT_STEP * max(0, int(np.ceil((similarity - LOOSE_SIMILARITY) / SPLIT_STEP - 1e-9)))
 
 
