@@ -103,13 +103,13 @@ def contact_sheets(data: dict[str, np.ndarray], folder: Path, per_sheet: int = 1
         cv2.imwrite(str(folder / f"heldout_{start // per_sheet:02d}.png"), sheet[:, :, ::-1])
 
 
-def roc_table(trash: np.ndarray, faces: np.ndarray, chosen: float, rows: int = 12) -> list[str]:
+def roc_table(trash: np.ndarray, faces: np.ndarray, chosen: float, what: str, rows: int = 12) -> list[str]:
     """Markdown rows: thresholds at quantiles of the trash scores, plus the chosen one."""
-    ts = sorted(set(np.quantile(trash, np.linspace(0.0, 0.95, rows)).round(3).tolist()) | {round(chosen, 3)})
-    out = ["| threshold | held-out non-faces flagged (TPR) | LFW-dev faces flagged (FPR) |", "|---|---|---|"]
+    ts = sorted(set(np.quantile(trash, np.linspace(0.0, 0.95, rows)).round(4).tolist()) | {round(chosen, 4)})
+    out = [f"| threshold | {what} flagged (TPR) | LFW-dev faces flagged (FPR) |", "|---|---|---|"]
     for t in reversed(ts):
-        mark = " (shipped)" if t == round(chosen, 3) else ""
-        out.append(f"| {t:.3f}{mark} | {(trash >= t).mean():.1%} ({int((trash >= t).sum())} of {len(trash)}) "
+        mark = " (shipped)" if t == round(chosen, 4) else ""
+        out.append(f"| {t:.4f}{mark} | {(trash >= t).mean():.1%} ({int((trash >= t).sum())} of {len(trash)}) "
                    f"| {(faces >= t).mean():.3%} ({int((faces >= t).sum())} of {len(faces)}) |")
     return out
 
@@ -153,8 +153,8 @@ def main() -> None:
                       "lfw_near_misses_caught": float((near >= model.threshold).mean()),
                       "faces_flagged": int((faces >= model.threshold).sum()),
                       "faces_max": float(faces.max())}, indent=2))
-    print("\n".join(["", "held-out non-faces against LFW-dev faces:"] + roc_table(trash, faces, model.threshold)))
-    print("\n".join(["", "LFW-dev near misses against LFW-dev faces:"] + roc_table(near, faces, model.threshold)))
+    for name, scores in (("held-out non-faces", trash), ("LFW-dev near misses", near)):
+        print("\n".join(["", f"{name} against LFW-dev faces:"] + roc_table(scores, faces, model.threshold, name)))
 
 
 if __name__ == "__main__":
