@@ -82,7 +82,7 @@ REGISTRY: dict[str, ModelFile] = {
         ModelFile("trash-scorer", "facecore", "assets/trash_scorer.npz",
                   "f66bd04d53045f1576decc01d623a888244f7b93e14e9f747a7b5ab1cfda22fb", "trash-scorer-1"),
         ModelFile("trash-scorer-w600k-mbf", "facecore", "assets/trash_scorer_w600k_mbf.npz",
-                  "89dbbceec46abae611fec5d12422f9f538348165d7d20d7015315ec8284261f6", "trash-scorer-w600k-mbf-2"),
+                  "134e315a51a51a72c323602c3386060c4b9db894d8a56c99887ae4331663718b", "trash-scorer-w600k-mbf-1"),
     ]
 }
 
