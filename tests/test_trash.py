@@ -1,5 +1,5 @@
-"""Trash-face rejection: the shipped scorers are pinned and tied to their embedders, real faces
-pass, and background patches of everyday photos score like the non-faces they were fitted on."""
+"""Trash-face rejection: the shipped centroid is pinned and tied to its embedder, real faces
+pass, and background patches of everyday photos score like the non-faces it was built from."""
 
 from __future__ import annotations
 
@@ -18,32 +18,30 @@ from facecore.detect import MTCNN
 from facecore.embed import Embedder, embedder_version
 from facecore.pipeline import FacePipeline
 from facecore.settings import Settings
-from facecore.trash import DEFAULT_TRASH, SCORERS, TrashModel, trash_scores
+from facecore.trash import CENTROIDS, DEFAULT_TRASH, TrashModel, trash_scores
 from badinput import lfw_dev
 
 
-@pytest.mark.parametrize("name, embedder", [(DEFAULT_TRASH, "sface"), ("trash-scorer-w600k-mbf", "w600k-mbf")])
-def test_shipped_scorers_are_pinned_and_match_their_cards(name, embedder):
-    assert name in SCORERS
+@pytest.mark.parametrize("name, embedder", [(DEFAULT_TRASH, "sface"), ("trash-centroid-w600k-mbf", "w600k-mbf")])
+def test_shipped_centroids_are_pinned_and_match_their_cards(name, embedder):
+    assert name in CENTROIDS
     path, version = models.resolve(name)  # raises unless the file has the pinned sha256
     card = json.loads(path.with_suffix(".json").read_text())
     assert card["sha256"] == models.REGISTRY[name].sha256 == models.sha256_file(path)
     assert card["embedder_version"] == embedder_version(embedder, False)
-    m = TrashModel.for_embedder(card["embedder_version"])  # each embedder finds its own scorer
-    assert m.version == version and m.threshold == card["threshold"] and 0 < m.threshold < 1
-    assert TrashModel.for_embedder(card["embedder_version"], threshold=0.5).threshold == 0.5  # the setting wins
-    assert m.weights.shape == (Embedder(embedder, threads=1).dim,)
-    cv = card["cross_validated"]  # the calibration's own verdict
-    assert cv["faces_flagged"] == 0 and cv["roc_auc"] > 0.97
+    m = TrashModel.for_embedder(card["embedder_version"])  # each embedder finds its own centroid
+    assert m.version == version and m.threshold == card["threshold"]
+    assert abs(np.linalg.norm(m.centroid) - 1) < 1e-5
+    assert card["faces_flagged"] <= 0.001 and card["roc_auc"] > 0.9  # the calibration's own verdict
 
 
 def test_a_changed_file_or_another_embedder_is_refused(monkeypatch):
     version = embedder_version("sface", False)
     with pytest.raises(IncompatibleEmbedderError, match="calibrate_trash"):
-        TrashModel("w600k-mbf")  # SFace's scorer
-    headed = version + "+metric_head-01d14c8e38a2"  # a head moves the vectors: no scorer fits
+        TrashModel("w600k-mbf")  # SFace's centroid
+    headed = version + "+metric_head-01d14c8e38a2"  # a head moves the vectors: no centroid fits
     assert TrashModel.for_embedder(headed) is None and TrashModel.for_embedder(headed + "+flip") is None
-    # flip TTA keeps the model's space: the same scorer and threshold
+    # flip TTA keeps the model's space: the same centroid and threshold
     assert TrashModel.for_embedder(embedder_version("sface", True)).version == TrashModel(version).version
     entry = models.REGISTRY[DEFAULT_TRASH]
     monkeypatch.setitem(models.REGISTRY, DEFAULT_TRASH, dataclasses.replace(entry, sha256="0" * 64))
@@ -51,12 +49,11 @@ def test_a_changed_file_or_another_embedder_is_refused(monkeypatch):
         TrashModel(version)
 
 
-def test_scores_are_the_logistic_of_the_linear_score():
-    w = np.array([3.0, 4.0], np.float32)
+def test_scores_are_cosines_to_the_centroid():
+    c = np.array([0.6, 0.8], np.float32)
     e = np.array([[0.6, 0.8], [0.8, -0.6], [-0.6, -0.8]], np.float32)
-    np.testing.assert_allclose(trash_scores(e, w, -5.0), [0.5, 1 / (1 + np.exp(5.0)), 1 / (1 + np.exp(10.0))],
-                               rtol=1e-5)
-    assert trash_scores(np.zeros((0, 2)), w, 0.0).shape == (0,)
+    np.testing.assert_allclose(trash_scores(e, c), [1.0, 0.0, -1.0], atol=1e-6)
+    assert trash_scores(np.zeros((0, 2)), c).shape == (0,)
 
 
 @pytest.mark.parametrize("flip_tta", [False, True])
@@ -92,7 +89,7 @@ def background_patches(n_photos: int = 12) -> np.ndarray:
 
 
 @pytest.mark.parametrize("embedder", ["sface", "w600k-mbf"])
-def test_background_patches_score_as_trash_and_faces_do_not(embedder):
+def test_background_patches_lean_towards_the_centroid_and_faces_away(embedder):
     emb = Embedder(embedder, threads=2, flip_tta=False)
     m = TrashModel.for_embedder(emb.version)
     patches = emb.embed(background_patches())
@@ -105,5 +102,5 @@ def test_background_patches_score_as_trash_and_faces_do_not(embedder):
         p.close()
     bg, fc = m.classify(patches)[0], m.classify(faces)[0]
     assert len(bg) >= 100
-    assert np.median(bg) > np.quantile(fc, 0.95)  # non-faces score above faces
-    assert (bg >= m.threshold).mean() > 0.3  # and a good share is past the calibrated threshold
+    assert np.median(bg) > np.quantile(fc, 0.95)  # non-faces sit on the centroid's side
+    assert (bg >= m.threshold).mean() > 0.3  # and a good share is past the calibrated radius

@@ -45,7 +45,7 @@ FLIP = "+flip"  # the last part of a version whose vectors average each crop wit
 
 def vector_space(version: str) -> str:
     """The space a stored version's vectors live in: flip TTA averages two views of one
-    model, so its vectors share that model's space (and its calibrated cut and trash scorer)."""
+    model, so its vectors share that model's space (and its calibrated cut and centroid)."""
     return version.removesuffix(FLIP)
 
 

@@ -78,11 +78,11 @@ REGISTRY: dict[str, ModelFile] = {
                   "3a59536aff5ae3dd0421eb80d7d049c052ec575d34b9b73f9ca655904095a06c", "gender-head-2"),
         ModelFile("gender-head-w600k-mbf", "facecore", "assets/gender_head_w600k_mbf.onnx",
                   "b2b794d1711857447041e2fb039f89d4ab6c8d54a7fbf5b797a2120761f9baba", "gender-head-w600k-mbf-1"),
-        # fitted by benchmarks/calibrate_trash.py, card (threshold, how it was judged) in assets/trash_scorer.json
-        ModelFile("trash-scorer", "facecore", "assets/trash_scorer.npz",
-                  "f66bd04d53045f1576decc01d623a888244f7b93e14e9f747a7b5ab1cfda22fb", "trash-scorer-1"),
-        ModelFile("trash-scorer-w600k-mbf", "facecore", "assets/trash_scorer_w600k_mbf.npz",
-                  "134e315a51a51a72c323602c3386060c4b9db894d8a56c99887ae4331663718b", "trash-scorer-w600k-mbf-1"),
+        # built by benchmarks/calibrate_trash.py, card (threshold, how it was judged) in assets/trash_centroid.json
+        ModelFile("trash-centroid", "facecore", "assets/trash_centroid.npy",
+                  "d521bc3af41d46a5a91e442ff9e8368bdd7793d66e69949686fe8d1c11f913f9", "trash-centroid-1"),
+        ModelFile("trash-centroid-w600k-mbf", "facecore", "assets/trash_centroid_w600k_mbf.npy",
+                  "e6dc55bc03a895e8ce92abb5ec4ad860b189638ba1f24d93ba307fa48330c599", "trash-centroid-w600k-mbf-1"),
     ]
 }
 

@@ -115,8 +115,8 @@ class Settings(FaceclusterSettings):
         "0 = use the calibrated default in facecore.quality"
     )
     trash_threshold: float = Field(
-        0.0, description="faces whose P(trash) under the trash scorer is at least this are flagged "
-        "as non-faces; 0 = the calibrated threshold in the scorer's card (facecore.trash)"
+        0.0, description="faces whose embedding has at least this cosine to the trash centroid are flagged "
+        "as non-faces; 0 = the calibrated threshold in the centroid's card (facecore.trash)"
     )
 
     # clustering

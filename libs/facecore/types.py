@@ -37,7 +37,7 @@ class FaceRecord:
     det_score: float
     blur: float  # normalised variance of the Laplacian of the aligned crop
     blurry: bool
-    trash_score: float | None  # P(not a face) from the trash scorer; None until a trash model is set
+    trash_score: float | None  # cosine similarity to the non-face centroid; None until a trash model is set
     is_trash: bool
     embedding: np.ndarray | None  # L2-normalised float32
     model_version: str
