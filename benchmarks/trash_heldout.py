@@ -12,8 +12,8 @@ place (NMS over the sizes), aligned by its own landmarks like a face, and embedd
 is sharp enough to be embedded in the product. Boxes that show a real face when looked at
 (contact sheet ``--sheet``) would be listed in ``REAL_FACES``; none were found.
 
-Faces: the central face of every LFW-dev photo that the product embeds (sharp), from the
-calibration's cache. The ROC table (threshold, share of held-out non-faces flagged, share
+Faces: the central face of every LFW-dev photo (as ``calibrate_trash.py`` judges; kept in
+``--cache``). The ROC table (threshold, share of held-out non-faces flagged, share
 of faces flagged) and the ROC AUC are printed as markdown, the shipped threshold marked;
 the same for LFW-dev's own near misses.
 
@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from calibrate_trash import auc, calibration_set, embedded
+from calibrate_trash import auc, embed_detections, photos_of
 from facecore import decode
 from facecore.align import align_faces
 from facecore.detect import MTCNN, nms
@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--low", type=float, default=0.3, help="lowest O-Net score kept (the calibration's)")
     ap.add_argument("--embedder", default="sface")
     ap.add_argument("--flip-tta", action="store_true",
-                    help="judge the flip-TTA vectors (the scorer is fitted on single crops)")
+                    help="judge the flip-TTA vectors (the model is calibrated on single crops)")
     ap.add_argument("--cache", type=Path, default=REPO / "out" / "trash_calibration")
     ap.add_argument("--sheet", type=Path, help="write contact sheets of the held-out crops here")
     args = ap.parse_args()
@@ -134,15 +134,18 @@ def main() -> None:
         np.savez(path, **held)
     if args.sheet:
         contact_sheets(held, args.sheet)
-    calib = calibration_set(args.lfw, args.lfw_limit, args.low, args.cache)
     embedder = Embedder(args.embedder, threads=2, flip_tta=args.flip_tta)
     model = TrashModel.for_embedder(embedder.version)
     if model is None:
         raise SystemExit(f"no shipped trash model fits {embedder.version}")
-    vectors = embedded(calib, ["lfw_faces", "lfw_trash"], embedder, args.cache,
-                       f"calibration-{args.lfw_limit}-{args.low}")
-    faces = model.classify(vectors["lfw_faces"][calib["lfw_faces_blur"] >= DEFAULT_BLUR_THRESHOLD])[0]
-    near = model.classify(vectors["lfw_trash"])[0]
+    lfw = args.cache / f"lfw-{args.lfw_limit}-{args.low}-{embedder.version}.npz"
+    if lfw.exists():
+        judge = dict(np.load(lfw))
+    else:
+        files = photos_of(args.lfw / "images", args.lfw_limit)
+        judge = embed_detections(files, args.low, Settings().det_thresholds[2], embedder)
+        np.savez(lfw, **judge)
+    faces, near = model.classify(judge["faces"])[0], model.classify(judge["trash"])[0]
     trash = model.classify(embedder.embed(held["crops"]))[0]
     per_image = {str(k): int(v) for k, v in zip(*np.unique(held["image"], return_counts=True))}
     print(json.dumps({"embedder": embedder.version, "trash_model": model.version, "threshold": model.threshold,
