@@ -326,6 +326,7 @@ def _cluster_exact_knn(x: np.ndarray, max_distance: float, k: int, loose_similar
     labels = np.full(n, -1, np.int64)
     sims, idx = knn_graph(x, k)
     next_label = 0
+    small = []  # components of 3 to BATCH_MAX faces, linked together at the end
     stack = [(m, loose_similarity) for m in _groups(components(sims, idx, loose_similarity))]
     while stack:
         members, sim = stack.pop()
@@ -335,6 +336,9 @@ def _cluster_exact_knn(x: np.ndarray, max_distance: float, k: int, loose_similar
                 local = np.arange(m)
             else:
                 local = np.zeros(m, np.int64)
+        elif m <= min(BATCH_MAX, dense_max):
+            small.append(members)
+            continue
         elif m <= dense_max:
             local = average_linkage(x[members], max_distance)
         elif sim < 1 - max_distance:
@@ -347,6 +351,8 @@ def _cluster_exact_knn(x: np.ndarray, max_distance: float, k: int, loose_similar
             local = sparse_average_linkage(m, *edges_from_knn(s2, i2), max_distance)
         labels[members] = local + next_label
         next_label += int(local.max()) + 1
+    if small:
+        labels[np.concatenate(small)] = _batched_average_linkage(x, small, max_distance) + next_label
     return labels
 
 
