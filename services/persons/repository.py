@@ -52,6 +52,12 @@ def confirmed_persons(session: Session, user_id: int, person_ids: Collection[int
                                                           Person.id.in_(list(person_ids)))))
 
 
+def named_persons(session: Session, user_id: int, person_ids: Collection[int]) -> set[int]:
+    """Those of ``person_ids`` the user gave a name."""
+    return set(session.scalars(sa.select(Person.id).where(Person.user_id == user_id, Person.name.is_not(None),
+                                                          Person.id.in_(list(person_ids)))))
+
+
 def new_person(session: Session, user_id: int, *, confirmed: bool = False) -> Person:
     person = Person(user_id=user_id, user_confirmed=confirmed)
     session.add(person)

@@ -117,6 +117,28 @@ def test_a_merge_of_one_face_persons_outlives_a_reclustering_that_leaves_both_fa
     assert_counts_true(session, lib.user_id)
 
 
+def test_a_named_persons_face_left_in_no_person_by_a_reclustering_stays_in_it(session, lib):
+    """Faces pushed out of every cluster stay in a person the user named; in an unnamed one they
+    leave, and a face the clustering puts into another person moves whatever the name."""
+    p0, p1 = lib.person_of[0], lib.person_of[1]
+    person_service.update_person(session, lib.user_id, p0, name="Ann")
+    session.commit()
+    f0 = [f for f, p in lib.truth.items() if p == 0]
+    f1 = [f for f, p in lib.truth.items() if p == 1]
+    labels = {**lib.truth, f0[0]: -1, f0[1]: 1, f1[0]: -1}
+    person_service.apply_clustering(session, lib.user_id, labels)
+    session.commit()
+    links = persons_repo.face_links(session, lib.user_id)
+    assert links[f0[0]] == p0      # named, left in no person: stays
+    assert links[f0[1]] == p1      # named, clustered elsewhere: moves
+    assert f1[0] not in links      # unnamed, left in no person: leaves
+    before = state(session, lib.user_id)
+    person_service.apply_clustering(session, lib.user_id, labels)  # the same clustering again
+    session.commit()
+    assert state(session, lib.user_id) == before
+    assert_counts_true(session, lib.user_id)
+
+
 EDITS = {
     "rename": lambda s, lib: person_service.update_person(s, lib.user_id, lib.person_of[0], name="Ann"),
     "hide+favourite": lambda s, lib: person_service.update_person(s, lib.user_id, lib.person_of[1], hidden=True,
