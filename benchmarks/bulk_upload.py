@@ -32,32 +32,22 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
 
 from facecore.settings import Settings
 from services import bus as busmod
 from services.publish import publish_photos
-from services.store.db import make_engine, migrate
 from services.store.models import Face, Photo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bus_overhead import scratch_cloud, service_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 USER = "bulk"
 MAX_BYTES = 100 * 1024 * 1024
 WORKER_START_S = 300
-
-
-def service_env() -> dict[str, str]:
-    out = subprocess.run(["bash", str(REPO / "scripts" / "services.sh"), "env"], capture_output=True, text=True,
-                         check=True).stdout
-    env = {}
-    for line in out.splitlines():  # export NAME='value';
-        name, _, value = line.removeprefix("export ").rstrip(";").partition("=")
-        env[name] = value.strip("'")
-    return env
 
 
 def cpu_s(pid: int) -> float:
@@ -79,24 +69,14 @@ def _wait(what: str, condition, timeout: float, workers: list[subprocess.Popen],
 
 
 def run(n_workers: int, photos: list[Path], batch_size: int, kafka: str, pg_url: str) -> dict:
-    namespace, db = f"bulk{uuid.uuid4().hex[:8]}", f"facecluster_bench_{uuid.uuid4().hex[:8]}"
-    admin_db = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin_db.connect() as c:
-        c.exec_driver_sql(f'CREATE DATABASE "{db}"')
-    db_url = sa.make_url(pg_url).set(database=db).render_as_string(hide_password=False)
-    engine = make_engine(db_url)
-    bus_url = f"kafka://{kafka}/{namespace}"
-    bus = busmod.connect(bus_url)
     workers: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, scratch_cloud(kafka, pg_url, "bulk") as (bus_url, db_url, engine, bus):
         store, logs = Path(tmp) / "objects", [Path(tmp) / f"ingest-{i}.log" for i in range(n_workers)]
         env = {**os.environ, "FACECLUSTER_DATABASE_URL": db_url, "FACECLUSTER_BUS_URL": bus_url,
                "FACECLUSTER_OBJECT_STORE": str(store), "FACECLUSTER_BATCH_SIZE": str(batch_size),
                "FACECLUSTER_MAX_BYTES": str(MAX_BYTES), "FACECLUSTER_THREADS": "1", "OMP_NUM_THREADS": "1",
                "OPENCV_FOR_THREADS_NUM": "1"}
         try:
-            migrate(engine)
-            bus.ensure_topics()
             for log in logs:
                 with open(log, "wb") as out:
                     workers.append(subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=REPO, env=env,
@@ -145,14 +125,6 @@ def run(n_workers: int, photos: list[Path], batch_size: int, kafka: str, pg_url:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            bus.close()
-            engine.dispose()
-            admin = bus._admin()
-            admin.delete_topics([bus._name(t) for t in busmod.TOPICS], raise_errors=False)
-            admin.close()
-            with admin_db.connect() as c:
-                c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            admin_db.dispose()
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,73 +72,82 @@ def service_env() -> dict[str, str]:
     return env
 
 
-def run(kind: str, photos: list[Path], settings: Settings, kafka: str, pg_url: str) -> dict:
-    namespace, db = f"bench{uuid.uuid4().hex[:8]}", f"facecluster_bench_{uuid.uuid4().hex[:8]}"
+@contextmanager
+def scratch_cloud(kafka: str, pg_url: str, prefix: str):
+    """A fresh Kafka topic namespace and PostgreSQL database, migrated, dropped again on exit:
+    yields (bus URL, database URL, engine, bus)."""
+    namespace, db = f"{prefix}{uuid.uuid4().hex[:8]}", f"facecluster_bench_{uuid.uuid4().hex[:8]}"
     admin_db = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin_db.connect() as c:
         c.exec_driver_sql(f'CREATE DATABASE "{db}"')
-    engine = make_engine(sa.make_url(pg_url).set(database=db))
-    bus = busmod.connect(f"kafka://{kafka}/{namespace}")
-    with tempfile.TemporaryDirectory() as store:
+    db_url = sa.make_url(pg_url).set(database=db).render_as_string(hide_password=False)
+    bus_url = f"kafka://{kafka}/{namespace}"
+    engine = make_engine(db_url)
+    bus = busmod.connect(bus_url)
+    try:
+        migrate(engine)
+        bus.ensure_topics()
+        yield bus_url, db_url, engine, bus
+    finally:
+        bus.close()
+        engine.dispose()
+        admin = bus._admin()
+        admin.delete_topics([bus._name(t) for t in busmod.TOPICS], raise_errors=False)
+        admin.close()
+        with admin_db.connect() as c:
+            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin_db.dispose()
+
+
+def run(kind: str, photos: list[Path], settings: Settings, kafka: str, pg_url: str) -> dict:
+    with tempfile.TemporaryDirectory() as store, scratch_cloud(kafka, pg_url, "bench") as (_, _, engine, bus):
         settings = settings.model_copy(update={"object_store": Path(store)})
-        try:
-            migrate(engine)
-            bus.ensure_topics()
-            users = [f"user-{i}" for i in range(8)]
-            t = time.perf_counter()
-            for i, user in enumerate(users):
-                mine = photos[i::len(users)]
-                publish_photos(bus, settings.object_store, user, [(f"{p.parent.name}/{p.name}", p) for p in mine],
-                               max_bytes=settings.max_bytes)
-            publish_s = time.perf_counter() - t
-            if kind == "real":
-                from facecore.pipeline import FacePipeline
+        users = [f"user-{i}" for i in range(8)]
+        t = time.perf_counter()
+        for i, user in enumerate(users):
+            mine = photos[i::len(users)]
+            publish_photos(bus, settings.object_store, user, [(f"{p.parent.name}/{p.name}", p) for p in mine],
+                           max_bytes=settings.max_bytes)
+        publish_s = time.perf_counter() - t
+        if kind == "real":
+            from facecore.pipeline import FacePipeline
 
-                pipeline = FacePipeline(settings)
-                pipeline.process([(str(p), p.read_bytes()) for p in photos[:4]])  # warm-up, not counted
-            else:
-                pipeline = NoopPipeline()
-            stop = threading.Event()
-            worker = IngestWorker(settings, bus, session_factory(engine), pipeline, stop)
-            consumer = bus.consumer(busmod.UPLOADED, "ingest", max_records=settings.batch_size)
-            stages: dict[str, float] = {}
-            done = [0]
-            first = []
+            pipeline = FacePipeline(settings)
+            pipeline.process([(str(p), p.read_bytes()) for p in photos[:4]])  # warm-up, not counted
+        else:
+            pipeline = NoopPipeline()
+        stop = threading.Event()
+        worker = IngestWorker(settings, bus, session_factory(engine), pipeline, stop)
+        consumer = bus.consumer(busmod.UPLOADED, "ingest", max_records=settings.batch_size)
+        stages: dict[str, float] = {}
+        done = [0]
+        first = []
 
-            def handle(batch):
-                if not first:
-                    first.append((time.perf_counter(), time.process_time()))
-                report = worker.handle(batch)
-                for k, v in report.seconds.items():
-                    stages[k] = stages.get(k, 0.0) + v
-                done[0] += len(batch)
-                if done[0] >= len(photos):
-                    stop.set()
+        def handle(batch):
+            if not first:
+                first.append((time.perf_counter(), time.process_time()))
+            report = worker.handle(batch)
+            for k, v in report.seconds.items():
+                stages[k] = stages.get(k, 0.0) + v
+            done[0] += len(batch)
+            if done[0] >= len(photos):
+                stop.set()
 
-            busmod.consume(consumer, handle, stop, poll_s=0.5)
-            wall, cpu = time.perf_counter() - first[0][0], time.process_time() - first[0][1]
-            consumer.close()
-            worker.close()
-            n = len(photos)
-            return {
-                "pipeline": kind, "photos": n, "batch_size": settings.batch_size, "threads": settings.threads,
-                "photos_per_s": round(n / wall, 2), "ms_per_photo": round(1000 * wall / n, 2),
-                "cpu_ms_per_photo": round(1000 * cpu / n, 2),
-                "ms_per_photo_by_stage": {k: round(1000 * v / n, 2) for k, v in stages.items()},
-                "path_ms_per_photo": round(1000 * (wall - stages.get("pipeline", 0.0)) / n, 2),
-                "publish_ms_per_photo": round(1000 * publish_s / n, 2),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                "loadavg": os.getloadavg()[0],
-            }
-        finally:
-            bus.close()
-            engine.dispose()
-            admin = bus._admin()
-            admin.delete_topics([bus._name(t) for t in busmod.TOPICS], raise_errors=False)
-            admin.close()
-            with admin_db.connect() as c:
-                c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            admin_db.dispose()
+        busmod.consume(consumer, handle, stop, poll_s=0.5)
+        wall, cpu = time.perf_counter() - first[0][0], time.process_time() - first[0][1]
+        consumer.close()
+        worker.close()
+        n = len(photos)
+        return {
+            "pipeline": kind, "photos": n, "batch_size": settings.batch_size, "threads": settings.threads,
+            "photos_per_s": round(n / wall, 2), "ms_per_photo": round(1000 * wall / n, 2),
+            "cpu_ms_per_photo": round(1000 * cpu / n, 2),
+            "ms_per_photo_by_stage": {k: round(1000 * v / n, 2) for k, v in stages.items()},
+            "path_ms_per_photo": round(1000 * (wall - stages.get("pipeline", 0.0)) / n, 2),
+            "publish_ms_per_photo": round(1000 * publish_s / n, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "loadavg": os.getloadavg()[0],
+        }
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_faces import generate  # noqa: E402
+from synth_faces import central_faces, generate  # noqa: E402
 
 from facecore.types import FaceRecord, PhotoResult  # noqa: E402
 from services.persons import repository as persons_repo  # noqa: E402
@@ -88,12 +88,7 @@ def real(npz: Path) -> Faces:
     """Every face of an ``extract``-ed .npz; the identity (the folder) only for the face nearest
     each 250x250 LFW image's centre, the one the folder names."""
     d = np.load(npz)
-    centre = (d["box"][:, :2] + d["box"][:, 2:]) / 2
-    dist = ((centre - 125) ** 2).sum(1)
-    best: dict[str, int] = {}
-    for i, u in enumerate(d["uri"]):
-        if u not in best or dist[i] < dist[best[u]]:
-            best[u] = i
+    best = central_faces(d)
     names = {name: k for k, name in enumerate(sorted({u.split("/")[0] for u in d["uri"]}))}
     truth = np.full(len(d["x"]), -1, np.int64)
     for u, i in best.items():

@@ -73,16 +73,22 @@ def extract(db: Path, out: Path) -> int:
     return len(rows)
 
 
-def labelled_faces(npz: Path) -> tuple[np.ndarray, np.ndarray]:
-    """LFW-dev's labelled faces (the one nearest each 250x250 image's centre): (x, person name)."""
-    d = np.load(npz)
+def central_faces(d) -> dict[str, int]:
+    """Photo uri -> the row of its face nearest the 250x250 LFW image's centre (the face its
+    folder names, as lfw_score.py picks it), in an ``extract``-ed .npz."""
     centre = (d["box"][:, :2] + d["box"][:, 2:]) / 2
     dist = ((centre - 125) ** 2).sum(1)
     best: dict[str, int] = {}
     for i, u in enumerate(d["uri"]):
         if u not in best or dist[i] < dist[best[u]]:
             best[u] = i
-    idx = np.array(sorted(best.values()))
+    return best
+
+
+def labelled_faces(npz: Path) -> tuple[np.ndarray, np.ndarray]:
+    """LFW-dev's labelled faces (the one nearest each 250x250 image's centre): (x, person name)."""
+    d = np.load(npz)
+    idx = np.array(sorted(central_faces(d).values()))
     return d["x"][idx], np.array([u.split("/")[0] for u in d["uri"][idx]])
 
 
