@@ -51,7 +51,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .cluster import (DEFAULT_DISTANCE, KNN, LOOSE_SIMILARITY, MAX_COMPONENT, average_linkage, components,
-                      relabel_by_size)
+                      flat_ip_index, relabel_by_size)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def knn_graph(x: np.ndarray, k: int = KNN) -> tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     k1 = min(k + 1, n)
-    index = faiss.IndexFlatIP(d)
+    index = flat_ip_index(d, n)  # on the GPU where faiss has one (cluster.GPU_KNN_MIN_FACES)
     index.add(x)
     sims = np.empty((n, k1), np.float32)
     idx = np.empty((n, k1), np.int64)
