@@ -395,6 +395,10 @@ def main(stop: threading.Event, argv: list[str] | None = None) -> int:
                        "consumer group (workers of one group share the users)", argv, options)
 
     def build(bus: Bus, sessions: sessionmaker[Session], resources: ExitStack):
+        # A batch searches a few faces at a time: faiss's OpenMP team of one thread per core
+        # costs more than it gives, and on a busy host a search waits for every thread of it
+        # (benchmarks/scale.py measured 0.4 ms a face on one thread, 8 ms on two, 2 cores busy).
+        faiss.omp_set_num_threads(1)
         worker = ClusterWorker(bus, sessions, stop, max_distance=settings.cluster_threshold,
                                top_k=args.top_k, min_faces=args.min_faces,
                                recluster_max_faces=settings.recluster_max_faces,
