@@ -357,6 +357,7 @@ def test_largest_overlap_keeps_the_person_when_a_cluster_splits(session, user, t
 
 
 def test_noise_and_unclustered_faces_lose_auto_links_and_empty_auto_persons_go(session, user, ten_faces):
+    """...except the automatic faces of a person the user named: those stay in it."""
     first = person_service.apply_clustering(session, user.id, {f: i // 4 for i, f in enumerate(ten_faces)})
     person_service.update_person(session, user.id, first[0], name="Ann")
     person_service.merge(session, user.id, first[1], [first[2]])[0]  # confirmed by the user
@@ -366,7 +367,9 @@ def test_noise_and_unclustered_faces_lose_auto_links_and_empty_auto_persons_go(s
     session.commit()
     assert second == {}
     remaining = links(session, user.id)
-    assert all(source == "user" for _, source in remaining.values())
+    anns = set(ten_faces[:4])
+    assert {f: remaining[f] for f in anns} == {f: (first[0], "auto") for f in anns}
+    assert all(source == "user" for f, (_, source) in remaining.items() if f not in anns)
     assert set(session.scalars(sa.select(Person.id))) == {first[0], first[1]}  # named, confirmed
 
 
