@@ -45,7 +45,7 @@ import cv2
 import joblib
 import numpy as np
 
-from .models import InferenceModel, choose_backend, resolve
+from .models import DETECT_MAX_PIXELS, InferenceModel, choose_backend, resolve
 from .mtcnn_onnx import BUILDERS
 from .settings import Settings
 from .types import Detections
@@ -54,10 +54,9 @@ WINDOW = 12  # P-Net's receptive field, in pixels of a pyramid level
 STRIDE = 2  # P-Net's output stride
 OVERLAP = WINDOW - STRIDE  # rows shared by consecutive bands of a level, so each window fits exactly one band
 NMS_PNET_SCALE, NMS_PNET, NMS_RNET, NMS_ONET = 0.5, 0.7, 0.7, 0.7
-# Most input pixels per net run: bounds the activation memory on big photos and batches.
-# Measured indexing 0.75 MP photos with three batches in flight: 2x this is no faster and
-# peaks 65 MB higher, 4x 0.5 GB higher; half of it is 4% slower.
-MAX_PIXELS = 1 << 19
+# Most input pixels per net run (models.DETECT_MAX_PIXELS, which the accelerators' shape
+# profiles are sized for, so it lives there).
+MAX_PIXELS = DETECT_MAX_PIXELS
 # Pixels of the smallest face in the copy of a photo that P-Net and R-Net read: R-Net's crop side.
 PROPOSAL_FACE = 24
 

@@ -146,8 +146,10 @@ ACCELERATORS = (TENSORRT, CUDA)
 # Faces per embedder run on an accelerator (Settings.accelerator_batch), and so the largest
 # batch the TensorRT engines of the fixed-size nets are built for.
 ACCELERATOR_BATCH = 256
-# facecore.detect.MAX_PIXELS: the most input pixels the detector gives one net run (R-Net and
-# O-Net batches are cut to it, and P-Net batches of canvases); copied, as detect imports us.
+# The most input pixels the detector gives one net run (facecore.detect.MAX_PIXELS: R-Net and
+# O-Net batches are cut to it, and P-Net batches of canvases); it bounds the activation memory
+# on big photos and batches. Measured indexing 0.75 MP photos with three batches in flight: 2x
+# this is no faster and peaks 65 MB higher, 4x 0.5 GB higher; half of it is 4% slower.
 DETECT_MAX_PIXELS = 1 << 19
 PNET_WINDOW = 12  # P-Net's smallest input side
 # P-Net's engine is built for at most this many canvases per run. TensorRT sizes an engine's
