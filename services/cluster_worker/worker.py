@@ -12,7 +12,7 @@ library for every upload does not scale, so above that the worker is incremental
   ``facecore.assign.EXACT_MAX_FACES``, a PQ scan re-ranked exactly beyond) exceeds
   ``1 - max_distance``, with the cut average linkage uses in the batch job (calibrated per
   embedder, ``facecore.cluster``);
-- faces that join nobody wait in the user's unassigned pool; ``facecore.cluster.cluster`` runs
+- faces that join nobody wait in the user's unassigned pool; ``facecore.graph_cluster`` runs
   over the new ones and the pool faces near them (see ``ClusterWorker._new_persons``) and
   every cluster of at least ``min_faces`` (``min_cluster_size``, as in the batch job) becomes
   a new person.
@@ -51,7 +51,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from facecore.assign import TOP_K, FaceIndex, assign, one_per_photo
-from facecore.cluster import KNN, LOOSE_SIMILARITY, calibrated_distance, cluster
+from facecore.cluster import KNN, LOOSE_SIMILARITY, calibrated_distance
+from facecore.graph_cluster import graph_cluster
 from facecore.settings import Settings
 
 from .. import bus as busmod
@@ -218,7 +219,7 @@ class ClusterWorker:
         """Groups of pooled faces, at most one per photo, that agree with each other well
         enough to be a person, among the new faces and the pool faces near them.
 
-        The batch job's clustering (``facecore.cluster.cluster``: cut, ``min_faces``, one
+        The batch job's clustering (``facecore.graph_cluster``: cut, ``min_faces``, one
         person per photo) runs over the new faces of the pool, the pool faces among their
         ``KNN`` nearest at ``LOOSE_SIMILARITY`` or more (what links faces into one component
         there), and the pool faces close enough (``1 - cut``) to one of those that are close
@@ -245,7 +246,7 @@ class ClusterWorker:
         ids = pool_ids[rows]
         photo_of = photo_ids(ids.tolist())
         photos = np.array([photo_of.get(int(i), -1 - j) for j, i in enumerate(ids)], np.int64)
-        labels = cluster(pool_x[rows], cut, min_size=self.min_faces, photos=photos)
+        labels = graph_cluster(pool_x[rows], cut, min_size=self.min_faces, photos=photos)
         return [sorted(int(i) for i in ids[labels == label]) for label in np.unique(labels[labels >= 0])]
 
     def _small(self, state: _UserFaces, new_ids: np.ndarray) -> bool:
